@@ -1,0 +1,76 @@
+"""`mnv2 profile`: parameters and multiply-adds, per layer, and the paper's Figure 5 grid."""
+
+from __future__ import annotations
+
+import json
+
+from ..analysis import count_madds, count_params, profile_layers
+from ..models import create_model
+from ..paper import reference
+
+
+def register(sub) -> None:
+    p = sub.add_parser("profile", help="parameters and multiply-adds of a model, per layer, or the Figure 5 grid",
+                       description="Count parameters and multiply-adds (convs + linear, depthwise per group) of a "
+                       "model at an input resolution. --grid prints the paper's Figure 5 grid beside the paper's "
+                       "reference values.")
+    p.add_argument("model", nargs="?", default="mobilenet_v2", help="registered model name (default: mobilenet_v2)")
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier alpha (default 1.0)")
+    p.add_argument("--resolution", type=int, default=224, help="input height and width (default 224)")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--per-layer", action="store_true", help="one row per layer: name, output shape, params, MAdds")
+    p.add_argument("--grid", action="store_true", help="the Figure 5 grid: widths x resolutions, with paper values")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.grid:
+        return _grid(args)
+    if args.resolution < 32:
+        from ..errors import UserError
+        raise UserError(f"--resolution must be at least 32, got {args.resolution}")
+    model = create_model(args.model, width_mult=args.width, num_classes=args.num_classes)
+    params, madds = count_params(model), count_madds(model, args.resolution)
+    result = {"model": args.model, "width": args.width, "resolution": args.resolution, "params": params,
+              "madds": madds}
+    layers = profile_layers(model, args.resolution) if args.per_layer else None
+    if args.json:
+        if layers is not None:
+            result["layers"] = [r.to_dict() for r in layers]
+        print(json.dumps(result, indent=2))
+        return 0
+    if layers is not None:
+        print(f"{'layer':<24} {'kind':<16} {'output':>18} {'params':>10} {'MAdds':>12}")
+        for r in layers:
+            shape = "x".join(map(str, r.output_shape[1:]))
+            print(f"{r.name:<24} {r.kind:<16} {shape:>18} {r.params:>10,} {r.madds:>12,}")
+        print()
+    print(f"{args.model} width {args.width:g} @ {args.resolution}x{args.resolution}: "
+          f"{params:,} parameters, {madds / 1e6:.1f}M MAdds")
+    return 0
+
+
+def _grid(args) -> int:
+    cells = [(a, r) for a in reference.GRID_WIDTHS for r in reference.GRID_RESOLUTIONS]
+    cells = list(reference.GRID_EXTRA) + cells
+    rows, params_cache = [], {}
+    for a, r in cells:
+        if a not in params_cache:
+            params_cache[a] = create_model("mobilenet_v2", width_mult=a, num_classes=args.num_classes)
+        model = params_cache[a]
+        top1, paper_madds = reference.FIGURE5[(a, r)]
+        rows.append({"width": a, "resolution": r, "params": count_params(model), "madds": count_madds(model, r),
+                     "paper_madds_m": paper_madds, "paper_top1": top1,
+                     "paper_params_m": reference.FIGURE5_PARAMS_M[a]})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"MobileNetV2, paper Figure 5 grid ({args.num_classes} classes). 'paper' columns are the TF-Slim model zoo's "
+          "published values (params for 1001 classes), not measured here.")
+    print(f"{'width':>5} {'res':>4} {'params':>11} {'paper params':>12} {'MAdds':>9} {'paper MAdds':>11} "
+          f"{'paper top-1':>11}")
+    for row in rows:
+        print(f"{row['width']:>5g} {row['resolution']:>4} {row['params']:>11,} {row['paper_params_m']:>11.2f}M "
+              f"{row['madds'] / 1e6:>8.1f}M {row['paper_madds_m']:>10}M {row['paper_top1']:>10.1f}%")
+    return 0

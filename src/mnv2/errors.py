@@ -1,0 +1,9 @@
+"""The one exception type that reaches the user as a single line (see `mnv2.cli.main`)."""
+
+
+class UserError(Exception):
+    """Bad input from the user: a missing path, a malformed file, an incompatible checkpoint, a wrong flag.
+
+    The message must name the file, field or value and say what is wrong; the CLI prints it as one line and exits
+    non-zero, without a traceback.
+    """

@@ -1,0 +1,151 @@
+"""MobileNetV2, paper Table 2, with the width multiplier, feature taps and atrous output stride (paper section 6.3)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .blocks import BottleneckAct, ConvBNAct, InvertedResidual, Padding, Shortcut, make_divisible
+from .features import FeatureTap
+
+# Paper Table 2: expansion factor t, output channels c, repeats n, stride of the first repeat s.
+TABLE_2 = (
+    # t,   c, n, s
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+
+# The block whose expansion output SSDLite taps: TF's "layer_15/expansion_output", the first block of the 160-channel
+# stage (torchvision's features[14].conv[0]); 576 channels at width 1.0, stride 16.
+LAYER15_BLOCK = 13
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 classifier.
+
+    Args:
+        num_classes: classifier outputs (0 for a headless backbone).
+        width_mult: the paper's width multiplier alpha; channels are rounded to multiples of 8, the last conv keeps 1280
+            channels when alpha < 1 (paper section 3.4).
+        dropout: dropout before the classifier.
+        expand_ratio: overrides t for every expanding block (paper Figure 6 ablation of the expansion factor).
+        bottleneck_act, shortcut: the block ablation switches (paper Figure 6a, 6b).
+        output_stride: 32, 16 or 8; later strides become dilation (atrous backbone, paper section 6.3).
+        padding: "torch" (symmetric) or "tf" (TensorFlow 'SAME' on strided convs) for TF-trained weights.
+        bn_eps: BatchNorm epsilon (1e-5 in PyTorch, 1e-3 in TF / Keras).
+        round_nearest: channel divisor.
+    """
+
+    def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.2,
+                 expand_ratio: float | None = None, bottleneck_act: BottleneckAct = "linear",
+                 shortcut: Shortcut = "bottleneck", output_stride: int = 32, padding: Padding = "torch",
+                 bn_eps: float = 1e-5, round_nearest: int = 8,
+                 setting: Sequence[tuple[float, int, int, int]] = TABLE_2):
+        super().__init__()
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        if width_mult <= 0:
+            raise ValueError(f"width_mult must be positive, got {width_mult}")
+        self.width_mult, self.output_stride, self.shortcut = width_mult, output_stride, shortcut
+        self.num_classes = num_classes
+
+        stem_ch = make_divisible(STEM_CHANNELS * width_mult, round_nearest)
+        head_ch = make_divisible(HEAD_CHANNELS * max(1.0, width_mult), round_nearest)
+        self.stem = ConvBNAct(3, stem_ch, 3, stride=2, bn_eps=bn_eps, padding=padding)
+
+        blocks, taps = [], [FeatureTap("stem", 2, stem_ch)]
+        self._stage_ends: dict[int, str] = {}  # block index -> name of the stage tap it ends
+        in_ch, current_stride, rate = stem_ch, 2, 1
+        for stage, (t, c, n, s) in enumerate(setting, start=1):
+            out_ch = make_divisible(c * width_mult, round_nearest)
+            t = t if expand_ratio is None or t == 1 else expand_ratio
+            for i in range(n):
+                if len(blocks) == LAYER15_BLOCK:  # before this block's stride: the expansion precedes the depthwise
+                    taps.append(FeatureTap("layer15_expansion", current_stride, int(round(in_ch * t))))
+                stride = s if i == 0 else 1
+                dilation = 1
+                if stride > 1 and current_stride >= output_stride:
+                    # Atrous: the block that loses its stride keeps the previous rate; later blocks use the new one.
+                    dilation, rate, stride = rate, rate * stride, 1
+                elif stride > 1:
+                    current_stride *= stride
+                else:
+                    dilation = rate
+                blocks.append(InvertedResidual(in_ch, out_ch, stride, t, dilation, bn_eps, padding, bottleneck_act,
+                                               shortcut))
+                in_ch = out_ch
+            taps.append(FeatureTap(f"stage{stage}", current_stride, out_ch))
+            self._stage_ends[len(blocks) - 1] = f"stage{stage}"
+        self.blocks = nn.Sequential(*blocks)
+        self.head = ConvBNAct(in_ch, head_ch, 1, bn_eps=bn_eps)
+        taps.append(FeatureTap("head", current_stride, head_ch))
+        self.feature_taps: tuple[FeatureTap, ...] = tuple(taps)
+        self.num_features = head_ch
+
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(head_ch, num_classes) if num_classes > 0 else nn.Identity()
+        _init_weights(self)
+
+    def _run_blocks(self, x: torch.Tensor, taps: set[str] | None = None, out: dict | None = None) -> torch.Tensor:
+        carry = None
+        for i, block in enumerate(self.blocks):
+            if self.shortcut == "expansion":
+                if taps is not None and i == LAYER15_BLOCK and "layer15_expansion" in taps:
+                    out["layer15_expansion"] = block.expand(x) if block.expand is not None else x
+                x, carry = block.forward_carry(x, carry)
+            elif taps is not None and i == LAYER15_BLOCK and "layer15_expansion" in taps:
+                x, out["layer15_expansion"] = block.forward_with_expansion(x)
+            else:
+                x = block(x)
+            if taps is not None and self._stage_ends.get(i) in taps:
+                out[self._stage_ends[i]] = x
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The 1280-channel (at alpha <= 1) map before global pooling."""
+        return self.head(self._run_blocks(self.stem(x)))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(torch.flatten(self.pool(x), 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_taps(self, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The requested feature maps (names from `feature_taps`), computing only as far as the deepest one."""
+        known = {t.name for t in self.feature_taps}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise KeyError(f"unknown feature tap(s) {unknown}; this model has {sorted(known)}")
+        wanted, out = set(names), {}
+        x = self.stem(x)
+        out["stem"] = x
+        x = self._run_blocks(x, wanted, out)
+        if "head" in wanted:
+            out["head"] = self.head(x)
+        return {n: out[n] for n in names}
+
+
+def _init_weights(model: nn.Module) -> None:
+    """torchvision's initialisation: He (fan-out) for convs, unit BN, N(0, 0.01) for the classifier."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,43 @@
+"""Model names -> builders. Builders take keyword arguments only; the registry knows nothing of any model's insides."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from ..errors import UserError
+from .mobilenetv1 import MobileNetV1
+from .mobilenetv2 import MobileNetV2
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str, builder: Callable[..., nn.Module] | None = None):
+    """Register `builder` under `name` (usable as a decorator)."""
+    def add(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = fn
+        return fn
+    return add(builder) if builder is not None else add
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered model, e.g. `create_model("mobilenet_v2", width_mult=0.35, num_classes=10)`."""
+    try:
+        builder = _REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
+    try:
+        return builder(**kwargs)
+    except TypeError as e:  # an unknown keyword argument
+        raise UserError(f"model {name!r}: {e}") from None
+
+
+register_model("mobilenet_v2", MobileNetV2)
+register_model("mobilenet_v1", MobileNetV1)

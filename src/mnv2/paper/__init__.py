@@ -1,0 +1,1 @@
+"""The reproduction report: the paper's tables beside what this code measures."""

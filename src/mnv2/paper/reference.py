@@ -1,0 +1,22 @@
+"""Numbers published by the paper and by the reference implementations (source: PAPER.md). Every value here is
+someone else's; anything printed from this module must be labelled as the paper's (or the reference's)."""
+
+# Paper Figure 5 via the TF-Slim model zoo: (width, resolution) -> (ImageNet top-1 %, millions of multiply-adds).
+FIGURE5 = {
+    (1.4, 224): (75.0, 582), (1.3, 224): (74.4, 509),
+    (1.0, 224): (71.8, 300), (1.0, 192): (70.7, 221), (1.0, 160): (68.8, 154), (1.0, 128): (65.3, 99),
+    (1.0, 96): (60.3, 56),
+    (0.75, 224): (69.8, 209), (0.75, 192): (68.7, 153), (0.75, 160): (66.4, 107), (0.75, 128): (63.2, 69),
+    (0.75, 96): (58.8, 39),
+    (0.5, 224): (65.4, 97), (0.5, 192): (63.9, 71), (0.5, 160): (61.0, 50), (0.5, 128): (57.7, 32),
+    (0.5, 96): (51.2, 18),
+    (0.35, 224): (60.3, 59), (0.35, 192): (58.2, 43), (0.35, 160): (55.7, 30), (0.35, 128): (50.8, 20),
+    (0.35, 96): (45.5, 11),
+}
+# TF-Slim model zoo parameter counts (1001 classes), in millions.
+FIGURE5_PARAMS_M = {1.4: 6.06, 1.3: 5.34, 1.0: 3.47, 0.75: 2.61, 0.5: 1.95, 0.35: 1.66}
+
+# The Figure 5 grid as `mnv2 profile --grid` walks it.
+GRID_WIDTHS = (1.0, 0.75, 0.5, 0.35)
+GRID_RESOLUTIONS = (224, 192, 160, 128, 96)
+GRID_EXTRA = ((1.4, 224), (1.3, 224))

@@ -1,0 +1,93 @@
+"""Model weight files: safetensors (never pickle) with the model's JSON config embedded in the header metadata.
+
+A weights file is self-describing: `load_model(path)` rebuilds the model from the registry with the stored keyword
+arguments, and returns the stored metadata (preprocessing, class names, provenance) beside it. A readable copy of the
+config is written next to the weights as `<name>.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import UserError
+from .models import create_model
+
+CONFIG_KEY = "mnv2_config"
+
+
+def save_model(path: str | Path, model: nn.Module, model_name: str, model_kwargs: dict, **meta) -> Path:
+    """Write `model`'s state dict to `path` (.safetensors) atomically, with its build config and `meta` (JSON-able:
+    e.g. preprocess={"mean": ..., "std": ..., "resolution": ..., "crop_fraction": ..., "interpolation": ...},
+    class_names=[...], source="torchvision")."""
+    path = Path(path)
+    config = {"model": model_name, "model_kwargs": model_kwargs, **meta}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={CONFIG_KEY: json.dumps(config)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _atomic_write_text(path.with_suffix(".json"), json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def read_config(path: str | Path) -> dict:
+    """The config stored in a weights file, or a UserError naming the file and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such weights file")
+    try:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    if CONFIG_KEY not in meta:
+        raise UserError(f"{path}: safetensors file has no mnv2 model config (write it with `mnv2 convert` or a run)")
+    try:
+        return json.loads(meta[CONFIG_KEY])
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: model config is not valid JSON ({e})") from None
+
+
+def load_model(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model stored in `path` and load its weights; returns (model in eval mode, config)."""
+    config = read_config(path)
+    model = create_model(config["model"], **config.get("model_kwargs", {}))
+    state = load_file(str(path), device=map_location)
+    load_state_dict_strict(model, state, source=str(path))
+    return model.eval(), config
+
+
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """`model.load_state_dict(state)` with one clear error naming the first key that does not fit."""
+    own = model.state_dict()
+    for key, value in own.items():
+        if key not in state:
+            raise UserError(f"{source}: weights lack key {key!r} that the model needs (shape {tuple(value.shape)})")
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise UserError(f"{source}: key {key!r} has shape {tuple(state[key].shape)} but the model expects "
+                            f"{tuple(value.shape)}")
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise UserError(f"{source}: weights have key {extra[0]!r} that the model does not have")
+    model.load_state_dict(state)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
