@@ -1,0 +1,111 @@
+"""What every weight importer shares: the result type, width inference, preprocessing records and the renaming load.
+
+An importer turns another library's MobileNetV2 weights into our `MobileNetV2` by renaming keys (and, for Keras,
+transposing kernels); it never changes the function the weights compute. Width and class count are not stored in a
+state dict, so they are read back from the tensor shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..models import TABLE_2, MobileNetV2, make_divisible
+from ..models.mobilenetv2 import STEM_CHANNELS
+from ..weights import load_state_dict_strict, save_model
+
+# The width multipliers with published weights (paper Figure 5; Keras and timm release the same set, torchvision 1.0).
+WIDTHS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def preprocess_record(mean: list[float], std: list[float], resolution: int = 224, crop_fraction: float = 0.875,
+                      interpolation: str = "bilinear") -> dict:
+    """The evaluation preprocessing a set of weights was trained for, in [0, 1] pixel units: resize the short side to
+    resolution / crop_fraction, centre-crop `resolution`, then (x - mean) / std."""
+    return {"mean": list(mean), "std": list(std), "resolution": resolution, "crop_fraction": crop_fraction,
+            "interpolation": interpolation}
+
+
+@dataclass
+class Imported:
+    """An imported model with what is needed to use and save it.
+
+    `model` is in eval mode; `model_kwargs` rebuild it with `mnv2.create_model(model_name, **model_kwargs)`;
+    `preprocess` is the record of `preprocess_record`; `source` names the library the weights came from.
+    """
+
+    model: MobileNetV2
+    model_kwargs: dict
+    preprocess: dict
+    source: str
+    model_name: str = field(default="mobilenet_v2")
+
+    def save(self, path: str | Path) -> Path:
+        """Write a self-describing `.safetensors` file (see `mnv2.weights.save_model`)."""
+        return save_model(path, self.model, self.model_name, self.model_kwargs, preprocess=self.preprocess,
+                          source=self.source)
+
+
+def width_signature(width: float) -> tuple[int, int, int]:
+    """(stem, first block, last block) output channels of MobileNetV2 at `width`: together they tell the published
+    widths apart (0.35 and 0.5 share the first two; 1.3 and 1.4 differ in all three)."""
+    first, last = TABLE_2[0][1], TABLE_2[-1][1]
+    return make_divisible(STEM_CHANNELS * width), make_divisible(first * width), make_divisible(last * width)
+
+
+def infer_width(stem: int, first: int, last: int, origin: str) -> float:
+    """The width multiplier whose channel counts are (stem, first, last), or a UserError naming what was found."""
+    for width in WIDTHS:
+        if width_signature(width) == (stem, first, last):
+            return width
+    known = ", ".join(f"{w:g}" for w in WIDTHS)
+    raise UserError(f"{origin}: channel counts stem={stem}, first block={first}, last block={last} match no "
+                    f"MobileNetV2 width multiplier ({known})")
+
+
+def require(state: Mapping, key: str, origin: str, library: str) -> torch.Tensor:
+    """`state[key]`, or a UserError saying the weights are not `library`'s MobileNetV2."""
+    if key not in state:
+        raise UserError(f"{origin}: not a {library} MobileNetV2 state dict (no key {key!r}){_hint(state, library)}")
+    return state[key]
+
+
+def _hint(state: Mapping, library: str) -> str:
+    guesses = {"torchvision": "features.0.0.weight", "timm": "conv_stem.weight", "mnv2": "stem.conv.weight"}
+    for name, key in guesses.items():
+        if name != library and key in state:
+            return f"; it looks like {name} weights" + ("" if name == "mnv2" else f" (use --from {name})")
+    return ""
+
+
+def load_renamed(model: nn.Module, state: Mapping[str, torch.Tensor], source_key: Callable[[str], str | None],
+                 origin: str, convert: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Load `state` (keyed the other library's way) into `model`.
+
+    `source_key(our_key)` names the other library's key for each of ours (None: the other library has no such
+    tensor, keep ours, e.g. Keras has no `num_batches_tracked`); `convert(our_key, tensor)` turns a tensor into our
+    layout. Every key of `state` must be used, and every shape must fit; errors name the other library's key.
+    """
+    renamed, names = {}, {}
+    for key, own in model.state_dict().items():
+        theirs = source_key(key)
+        if theirs is None:
+            renamed[key] = own
+            continue
+        names[key] = theirs
+        if theirs in state:
+            value = torch.as_tensor(state[theirs])
+            renamed[key] = convert(key, value) if convert is not None else value
+    unused = [k for k in state if k not in set(names.values())]
+    if unused:
+        raise UserError(f"{origin}: weights have key {unused[0]!r} that MobileNetV2 "
+                        f"(width {model.width_mult:g}, {model.num_classes} classes) does not have")
+    load_state_dict_strict(model, renamed, source=origin, key_names=names)
