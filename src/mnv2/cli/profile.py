@@ -21,6 +21,8 @@ def register(sub) -> None:
     p.add_argument("--per-layer", action="store_true", help="one row per layer: name, output shape, params, MAdds")
     p.add_argument("--grid", action="store_true", help="the Figure 5 grid: widths x resolutions, with paper values")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--memory", action="store_true", help="paper section 5.1: eq. (2) working memory and the Table 3 "
+                   "largest-tensor-per-resolution table (16-bit activations), beside the paper's values")
     p.set_defaults(func=run)
 
 
@@ -30,6 +32,8 @@ def run(args) -> int:
     if args.resolution < 32:
         from ..errors import UserError
         raise UserError(f"--resolution must be at least 32, got {args.resolution}")
+    if args.memory:
+        return _memory(args)
     model = create_model(args.model, width_mult=args.width, num_classes=args.num_classes)
     params, madds = count_params(model), count_madds(model, args.resolution)
     result = {"model": args.model, "width": args.width, "resolution": args.resolution, "params": params,
@@ -73,4 +77,46 @@ def _grid(args) -> int:
     for row in rows:
         print(f"{row['width']:>5g} {row['resolution']:>4} {row['params']:>11,} {row['paper_params_m']:>11.2f}M "
               f"{row['madds'] / 1e6:>8.1f}M {row['paper_madds_m']:>10}M {row['paper_top1']:>10.1f}%")
+    return 0
+
+
+def _memory(args) -> int:
+    """Paper section 5.1: eq. (2) in both modes and Table 3 (largest tensor per resolution), ours beside the paper's."""
+    from ..analysis.memory import memory_report, table3_rows
+    model = create_model(args.model, width_mult=args.width, num_classes=args.num_classes)
+    report = memory_report(model, args.resolution)
+    config = reference.TABLE3_CONFIG.get(args.model)
+    matches = config is not None and args.resolution == 224 and all(
+        getattr(model, k, None) == v for k, v in config.items())
+    paper = reference.TABLE3[args.model] if matches else None
+    rows = table3_rows(report, paper)
+    peaks = {"every_op_bytes": report.peak_materialised, "every_op_at": report.peak_op_materialised.name,
+             "fused_bytes": report.peak_fused, "fused_at": report.peak_op_fused.name}
+    if args.json:
+        print(json.dumps({"model": args.model, "width": args.width, "resolution": args.resolution, "dtype_bytes": 2,
+                          "eq2": peaks, "table3": rows,
+                          "paper_max_kb": reference.TABLE3_MAX_KB[args.model] if paper else None}, indent=2))
+        return 0
+
+    def cell(ch, kb):
+        if ch is None:
+            return "-"
+        if kb is None or isinstance(kb, int):  # the paper's cells, as printed in the paper
+            return f"{ch}/{'O(1)' if kb is None else kb}"
+        return f"{ch}/{kb:.0f}" if kb >= 10 else f"{ch}/{kb:.1f}"
+
+    print(f"{args.model} width {args.width:g} @ {args.resolution}: largest tensor materialised per resolution, "
+          "channels/kB (16-bit, kB = 1000 bytes)")
+    print(f"{'size':>9} {'fused blocks (b)':>17} {'every op (a)':>13} {'paper Table 3':>14}")
+    for r in rows:
+        print(f"{r['resolution']:>9} {cell(r['fused_channels'], r['fused_kb']):>17} "
+              f"{cell(r['every_channels'], r['every_kb']):>13} {cell(r['paper_channels'], r['paper_kb']):>14}")
+    top = {k: max((r[k] or 0) for r in rows) for k in ("fused_kb", "every_kb")}
+    paper_max = f"{reference.TABLE3_MAX_KB[args.model]}" if paper else "-"
+    print(f"{'max':>9} {top['fused_kb']:>17.0f} {top['every_kb']:>13.0f} {paper_max:>14}")
+    if config is not None and not matches:
+        print(f"(the paper's column is {args.model} {config} at 224; run with those settings to see it)")
+    print(f"eq. (2) peak, (a) every op materialised: {report.peak_materialised / 1000:.0f} kB at "
+          f"{report.peak_op_materialised.name}; (b) blocks as one op, stem fused: {report.peak_fused / 1000:.0f} kB "
+          f"at {report.peak_op_fused.name}")
     return 0

@@ -9,6 +9,7 @@ from torch import nn
 from ..errors import UserError
 from .mobilenetv1 import MobileNetV1
 from .mobilenetv2 import MobileNetV2
+from .shufflenet import shufflenet_v1
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -41,3 +42,4 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 register_model("mobilenet_v2", MobileNetV2)
 register_model("mobilenet_v1", MobileNetV1)
+register_model("shufflenet_v1", shufflenet_v1)  # ShuffleNet 2x, g=3 by default (paper Tables 3, 4)

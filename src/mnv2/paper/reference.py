@@ -20,3 +20,26 @@ FIGURE5_PARAMS_M = {1.4: 6.06, 1.3: 5.34, 1.0: 3.47, 0.75: 2.61, 0.5: 1.95, 0.35
 GRID_WIDTHS = (1.0, 0.75, 0.5, 0.35)
 GRID_RESOLUTIONS = (224, 192, 160, 128, 96)
 GRID_EXTRA = ((1.4, 224), (1.3, 224))
+
+# Paper Table 3 (section 5.1): "max number of channels / memory (in Kb) that needs to be materialized at each spatial
+# resolution", 16-bit activations, input 224. Per model: resolution -> (channels, kB); kB None is the paper's "O(1)".
+# The paper's kB are 1000 bytes (e.g. 128 x 56 x 56 x 2 bytes = 802,816 -> "800").
+TABLE3 = {
+    "mobilenet_v1": {112: (1, None), 56: (128, 800), 28: (256, 400), 14: (512, 200), 7: (1024, 199), 1: (1024, 2)},
+    "mobilenet_v2": {112: (1, None), 56: (32, 200), 28: (64, 100), 14: (160, 62), 7: (320, 32), 1: (1280, 2)},
+    "shufflenet_v1": {112: (1, None), 56: (48, 300), 28: (400, 600), 14: (800, 310), 7: (1600, 156), 1: (1600, 3)},
+}
+TABLE3_MAX_KB = {"mobilenet_v1": 800, "mobilenet_v2": 200, "shufflenet_v1": 600}
+
+# Paper Table 4 (ImageNet): network -> (top-1 %, params in millions, MAdds in millions, Pixel 1 CPU ms or None).
+TABLE4 = {
+    "MobileNetV1": (70.6, 4.2, 575, 113),
+    "ShuffleNet (1.5)": (71.5, 3.4, 292, None),
+    "ShuffleNet (x2)": (73.7, 5.4, 524, None),
+    "NasNet-A": (74.0, 5.3, 564, 183),
+    "MobileNetV2": (72.0, 3.4, 300, 75),
+    "MobileNetV2 (1.4)": (74.7, 6.9, 585, 143),
+}
+# The configuration each Table 3 column describes (the paper's ShuffleNet column is "ShuffleNet (2x, g=3)").
+TABLE3_CONFIG = {"mobilenet_v1": {"width_mult": 1.0}, "mobilenet_v2": {"width_mult": 1.0},
+                 "shufflenet_v1": {"width_mult": 2.0, "groups": 3}}

@@ -1,0 +1,92 @@
+"""Paper section 5.1 benchmark: measured peak activation memory and latency of MobileNetV2 1.0 under the t-split
+executor (t = 1..6) at 224x224 and 1024x1024, batch 1, beside torchvision's eager mobilenet_v2 in the same run.
+
+    python benchmarks/memory.py --threads 2 --write BENCHMARKS.md
+
+With --write, the `## Memory (paper section 5.1)` section of that file is replaced (or appended), atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+from mnv2.bench.memory import format_markdown, run
+
+HEADING = "## Memory (paper section 5.1)"
+
+METHOD = """\
+Method. Peak activation memory is read from PyTorch's allocator: `torch.profiler` with `profile_memory=True` records
+every CPU allocation and free as a `[memory]` event with a signed size; sorted by time, their running sum is the memory
+held by tensors created during one forward pass, and the maximum is the peak (`mnv2.bench.memory.
+measure_peak_activation_bytes`). Weights and the input are allocated before the measurement and are not counted;
+scratch buffers oneDNN allocates on its own are not seen. Latency: median (and 25th-75th percentile) of N timed forward
+passes after 3 warm-up passes of every variant, the variants interleaved run by run so that load on the machine hits
+all of them alike, under `torch.inference_mode`, batch 1, fixed intra-op threads. Variants: torchvision
+`mobilenet_v2` eager (random weights, random BN statistics), our model with BN folded (`mnv2.deploy.fold_bn`) in NCHW
+and channels_last, and `mnv2.deploy.tsplit(model, t)`, which computes every bottleneck (and the stem fused with the first
+block) as the t-way split sum of section 5.1, channels_last, one inner slice alive at a time. Targets (issue 4): at
+t = 4, >= 3x lower peak than torchvision eager, latency <= 1.10x our fastest unsplit folded model."""
+
+
+def section(report: dict, command: str, note: str | None = None) -> str:
+    meta = report["meta"]
+    return "\n".join([
+        HEADING, "",
+        (f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads; {meta['date']}; "
+         f"1-minute load average at start {meta['load_average_at_start']:.1f}."),
+        f"Command: `{command}`", "",
+        *([note, ""] if note else []),
+        METHOD, "",
+        format_markdown(report), ""])
+
+
+def write_section(path: str, text: str) -> None:
+    """Replace this benchmark's section of `path` (up to the next `## ` heading) or append it; atomic."""
+    old = "# Benchmarks\n"
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+    lines, out, skipping, replaced = old.splitlines(), [], False, False
+    for line in lines:
+        if line.strip() == HEADING:
+            skipping, replaced = True, True
+            out.append(text.rstrip("\n"))
+            continue
+        if skipping and line.startswith("## "):
+            skipping = False
+        if not skipping:
+            out.append(line)
+    if not replaced:
+        out += ["", text.rstrip("\n")]
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(out) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=None, help="timed runs (default 20 at <= 512 px, 5 above)")
+    p.add_argument("--resolutions", default="224,1024")
+    p.add_argument("--splits", default="1,2,3,4,5,6")
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--note", help="a line printed under the command (e.g. the state of the machine)")
+    p.add_argument("--write", metavar="MARKDOWN", help="update this file's memory section (e.g. BENCHMARKS.md)")
+    args = p.parse_args(argv)
+    report = run(args.width, [int(r) for r in args.resolutions.split(",")], [int(t) for t in args.splits.split(",")],
+                 args.repeats, args.threads)
+    command = (f"python benchmarks/memory.py --threads {args.threads} --resolutions {args.resolutions} "
+               f"--splits {args.splits} --width {args.width:g}" + (f" --repeats {args.repeats}" if args.repeats else ""))
+    text = section(report, command, args.note)
+    print(text)
+    if args.write:
+        write_section(args.write, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

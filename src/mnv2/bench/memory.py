@@ -1,0 +1,190 @@
+"""Measured peak activation memory and latency of the section 5.1 t-split executor, beside torchvision's eager model.
+
+Memory is measured, not estimated: PyTorch's profiler with `profile_memory=True` records every allocation and free of
+the CPU allocator as a "[memory]" event with a signed byte count. Sorted by time, their running sum is the memory held
+by tensors allocated during the call; its maximum is the peak. Weights and the input exist before the call, so only
+activations (and any scratch tensor an op allocates through PyTorch) are counted. Buffers a library allocates on its
+own (oneDNN scratchpads) bypass the allocator and are not seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..errors import UserError
+
+# The profiler's C++ side (kineto) logs start/stop lines on stderr at its default level; keep CLI output clean.
+os.environ.setdefault("KINETO_LOG_LEVEL", "99")
+
+
+def measure_peak_activation_bytes(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> int:
+    """Peak bytes held by tensors allocated during `fn(x)` (its output included), read from the allocator's events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn(x)
+        del out
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    held = peak = 0
+    for _, nbytes in events:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
+def _round_robin_ms(variants: dict[str, tuple[Callable, torch.Tensor]], repeats: int, warmup: int) -> dict[str, list]:
+    """Latency samples (ms) per variant, the variants interleaved so that load on a shared machine hits all alike."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn, x in variants.values():
+                fn(x)
+        for _ in range(repeats):
+            for name, (fn, x) in variants.items():
+                t0 = time.perf_counter()
+                fn(x)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def _variants(width: float, resolution: int, splits: list[int], seed: int = 0):
+    import torchvision
+
+    from ..deploy import fold_bn, tsplit
+    from ..models import create_model
+
+    torch.manual_seed(seed)
+    ours = create_model("mobilenet_v2", width_mult=width).eval()
+    _randomise_bn(ours)
+    tv = torchvision.models.mobilenet_v2(width_mult=width).eval()  # random weights: nothing is downloaded
+    _randomise_bn(tv)
+    folded = fold_bn(ours)
+    folded_cl = fold_bn(ours).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, resolution, resolution)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    variants = {"torchvision eager": (tv, x), "folded": (folded, x), "folded channels_last": (folded_cl, x_cl)}
+    for t in splits:
+        variants[f"t-split t={t}"] = (tsplit(ours, t), x)
+    return variants
+
+
+def _randomise_bn(model: torch.nn.Module) -> None:
+    """Non-trivial BN statistics, so folding does real work (fresh BN is the identity)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+
+
+def run(width: float = 1.0, resolutions=(224, 1024), splits=(1, 2, 3, 4, 5, 6), repeats: int | None = None,
+        threads: int | None = None, warmup: int = 3) -> dict:
+    """Peak activation bytes and median latency of every variant at every resolution, batch 1."""
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    results = []
+    for r in resolutions:
+        variants = _variants(width, r, list(splits))
+        peaks = {name: measure_peak_activation_bytes(fn, x) for name, (fn, x) in variants.items()}
+        n = repeats if repeats is not None else (20 if r <= 512 else 5)
+        times = _round_robin_ms(variants, n, warmup)
+        for name in variants:
+            t = sorted(times[name])
+            results.append({"resolution": r, "variant": name, "peak_bytes": peaks[name],
+                            "median_ms": statistics.median(t), "p25_ms": t[len(t) // 4],
+                            "p75_ms": t[(3 * len(t)) // 4], "repeats": n})
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": threads, "width": width,
+            "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+            f"{_cpu_name()}", "warmup": warmup, "load_average_at_start": load}
+    return {"meta": meta, "results": results, "targets": _targets(results)}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _targets(results: list[dict]) -> list[dict]:
+    """Issue 4 targets at t = 4: >= 3x lower peak than torchvision eager; latency <= 1.10x our fastest unsplit
+    folded model (with or without channels_last)."""
+    out = []
+    for r in sorted({row["resolution"] for row in results}):
+        rows = {row["variant"]: row for row in results if row["resolution"] == r}
+        if "t-split t=4" not in rows:
+            continue
+        t4, tv = rows["t-split t=4"], rows["torchvision eager"]
+        base = min(rows["folded"]["median_ms"], rows["folded channels_last"]["median_ms"])
+        memory_ratio = tv["peak_bytes"] / t4["peak_bytes"]
+        latency_ratio = t4["median_ms"] / base
+        out.append({"resolution": r, "peak_ratio_vs_torchvision": memory_ratio, "memory_target_met": memory_ratio >= 3,
+                    "latency_ratio_vs_folded": latency_ratio, "latency_target_met": latency_ratio <= 1.10})
+    return out
+
+
+def format_markdown(report: dict) -> str:
+    """The results as a Markdown table (one block per resolution) plus the target lines."""
+    lines = []
+    for r in sorted({row["resolution"] for row in report["results"]}):
+        rows = [row for row in report["results"] if row["resolution"] == r]
+        tv = next(row for row in rows if row["variant"] == "torchvision eager")
+        base = min(row["median_ms"] for row in rows if row["variant"].startswith("folded"))
+        lines += [f"{r}x{r}, batch 1, {rows[0]['repeats']} timed runs:", "",
+                  ("| variant | peak activations (MB) | torchvision peak / this | median ms (p25-p75) | "
+                   "this / fastest folded |"),
+                  "|---|---|---|---|---|"]
+        for row in rows:
+            lines.append(f"| {row['variant']} | {row['peak_bytes'] / 1e6:.2f} | "
+                         f"{tv['peak_bytes'] / row['peak_bytes']:.2f}x | {row['median_ms']:.1f} "
+                         f"({row['p25_ms']:.1f}-{row['p75_ms']:.1f}) | {row['median_ms'] / base:.2f}x |")
+        lines.append("")
+    for t in report["targets"]:
+        lines.append(f"- {t['resolution']}: t=4 peak {t['peak_ratio_vs_torchvision']:.2f}x lower than torchvision "
+                     f"eager (target >= 3x: {'met' if t['memory_target_met'] else 'NOT met'}); latency "
+                     f"{t['latency_ratio_vs_folded']:.2f}x our fastest unsplit folded model (target <= 1.10x: "
+                     f"{'met' if t['latency_target_met'] else 'NOT met'})")
+    return "\n".join(lines)
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"{flag} must list positive integers, got {text!r}")
+    return values
+
+
+def main(args) -> int:
+    """`mnv2 bench --memory`."""
+    if args.model != "mobilenet_v2":
+        raise UserError(f"--memory benchmarks the t-split executor, which runs mobilenet_v2 only; got {args.model!r}")
+    splits = _ints(args.splits, "--splits")
+    resolutions = _ints(args.resolutions, "--resolutions") if args.resolutions else [224, 1024]
+    if min(resolutions) < 32:
+        raise UserError(f"--resolutions must be at least 32, got {min(resolutions)}")
+    if args.repeats is not None and args.repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {args.repeats}")
+    report = run(args.width, resolutions, splits, args.repeats, args.threads)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    meta = report["meta"]
+    print(f"MobileNetV2 {meta['width']:g}: measured peak activation memory and latency, {meta['threads']} threads, "
+          f"{meta['machine']}, torch {meta['torch']}, {meta['date']}")
+    print(format_markdown(report))
+    return 0

@@ -1,0 +1,247 @@
+"""Memory-efficient inference of paper section 5.1: every bottleneck as a t-way split sum.
+
+A bottleneck is F(x) = B(N(A(x))): A the expansion (linear once BN is folded), N = ReLU6 . depthwise . ReLU6 (per
+channel), B the linear projection. Cutting the n inner channels into t slices gives F(x) = sum_i B_i(N(A_i(x))), where
+A_i are rows of A and B_i the matching columns of B -- the same function, not an approximation. Accumulating the sum in
+place keeps a single n/t-channel slice of the wide inner tensor alive at a time.
+
+Table 3's caption applies the same argument to the first layer: the stem conv is linear and computes each output channel
+on its own, so stem conv (as A) + the first block's depthwise (in N) + its projection (as B) form one split op, and the
+stem's 32-channel map at half the input resolution never exists whole.
+
+Layout: activations run channels_last, so a 1x1 conv is one matrix multiply over (batch * pixels) rows and the
+projection accumulates with `addmm_` into the output buffer, which allocates nothing per slice.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.blocks import Conv2dSame, ConvBNAct, InvertedResidual, _same_pad
+from .fold import fold_bn
+
+
+def _clamp_of(act: nn.Module) -> tuple[float | None, float | None] | None:
+    """The (min, max) clamp an activation module applies, or None for a linear (Identity) layer."""
+    if isinstance(act, nn.ReLU6):
+        return (0.0, 6.0)
+    if isinstance(act, nn.ReLU):
+        return (0.0, None)
+    if isinstance(act, nn.Identity):
+        return None
+    raise ValueError(f"tsplit: unsupported activation {type(act).__name__}")
+
+
+def _apply_clamp(x: torch.Tensor, bounds) -> torch.Tensor:
+    return x if bounds is None else x.clamp_(*bounds)
+
+
+def _slice_sizes(n: int, t: int) -> list[int]:
+    """t slices of n channels (t capped at n); the first n % t slices get one channel more."""
+    t = max(1, min(t, n))
+    return [n // t + (1 if i < n % t else 0) for i in range(t)]
+
+
+class _Conv:
+    """What a folded conv needs at run time: stride, dilation, and symmetric padding or TF 'SAME' padding."""
+
+    def __init__(self, conv: nn.Conv2d):
+        self.stride, self.dilation, self.kernel = conv.stride, conv.dilation, conv.kernel_size
+        self.same = isinstance(conv, Conv2dSame)
+        self.padding = (0, 0) if self.same else conv.padding
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.same:
+            return x
+        ih, iw = x.shape[-2:]
+        ph = _same_pad(ih, self.kernel[0], self.stride[0], self.dilation[0])
+        pw = _same_pad(iw, self.kernel[1], self.stride[1], self.dilation[1])
+        return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]) if ph or pw else x
+
+
+class SplitBottleneck(nn.Module):
+    """One bottleneck (or the stem fused with the first block) computed as the t-way split sum of section 5.1.
+
+    `first` is the operator playing A: a 1x1 expansion ConvBNAct, the stem ConvBNAct (any kernel / stride), or None
+    when the block has no expansion (A is the identity and slice i is just input channels of slice i).
+    All modules must have their BN folded (`fold_bn`). Weight slices are cut once here, as contiguous tensors.
+    """
+
+    def __init__(self, first: ConvBNAct | None, dw: ConvBNAct, project: ConvBNAct, residual: bool, t: int):
+        super().__init__()
+        n = dw.conv.in_channels
+        self.sizes = _slice_sizes(n, t)
+        self.residual = residual
+        self.kind = "identity" if first is None else ("pointwise" if _is_pointwise(first.conv) else "conv")
+        self.first_conv = _Conv(first.conv) if first is not None else None
+        self.first_act = _clamp_of(first.act) if first is not None else None
+        self.dw_conv, self.dw_act = _Conv(dw.conv), _clamp_of(dw.act)
+        self.out_act = _clamp_of(project.act)
+        self.out_channels = project.conv.out_channels
+        pw = project.conv.weight.detach().reshape(self.out_channels, n)
+        bounds = [0, *itertools.accumulate(self.sizes)]
+        for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+            if first is not None:
+                w, b = first.conv.weight.detach()[lo:hi], first.conv.bias.detach()[lo:hi]
+                if self.kind == "pointwise":  # (n_i, in), the layout of a linear layer
+                    w = w.reshape(hi - lo, -1)
+                else:
+                    w = w.contiguous(memory_format=torch.channels_last)
+                self.register_buffer(f"a_w{i}", w.contiguous() if self.kind == "pointwise" else w)
+                self.register_buffer(f"a_b{i}", b.contiguous())
+            self.register_buffer(f"d_w{i}", dw.conv.weight.detach()[lo:hi].contiguous())
+            self.register_buffer(f"d_b{i}", dw.conv.bias.detach()[lo:hi].contiguous())
+            self.register_buffer(f"b_w{i}", pw[:, lo:hi].t().contiguous())  # (n_i, out): right operand
+        self.bounds = bounds
+        self.register_buffer("b_bias", project.conv.bias.detach().clone())
+        self._cache()
+
+    def _cache(self) -> None:
+        """One tuple per slice, so the per-slice loop does no module attribute look-ups (it runs t times per block)."""
+        has_a = self.kind != "identity"
+        self._slices = [
+            (size, lo, hi,
+             getattr(self, f"a_w{i}") if has_a else None, getattr(self, f"a_b{i}") if has_a else None,
+             getattr(self, f"d_w{i}"), getattr(self, f"d_b{i}"), getattr(self, f"b_w{i}"))
+            for i, (size, lo, hi) in enumerate(zip(self.sizes, self.bounds[:-1], self.bounds[1:], strict=True))]
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._cache()
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        kind, dc, fc = self.kind, self.dw_conv, self.first_conv
+        x2d = x.permute(0, 2, 3, 1).reshape(-1, c) if kind == "pointwise" or self.residual else None
+        if kind == "conv":
+            x = fc.pad(x)  # TF 'SAME' padding of the input, once for all slices
+        acc = None
+        for size, lo, hi, aw, ab, dw, db, bw in self._slices:
+            # A_i and its activation: slice i of the inner tensor, (N, n_i, H, W) channels_last.
+            if kind == "pointwise":
+                e = _linear_act(x2d, aw, ab, self.first_act).view(n, h, w, size).permute(0, 3, 1, 2)
+            elif kind == "conv":
+                e = _apply_clamp(F.conv2d(x, aw, ab, fc.stride, fc.padding, fc.dilation), self.first_act)
+            else:
+                e = x[:, lo:hi]
+            d = F.conv2d(dc.pad(e), dw, db, dc.stride, dc.padding, dc.dilation, size)
+            del e  # free this slice of the expanded tensor before the next one exists
+            _apply_clamp(d, self.dw_act)
+            ho, wo = d.shape[-2:]
+            d2 = d.permute(0, 2, 3, 1).reshape(-1, size)
+            if acc is None:
+                acc = torch.addmm(self.b_bias, d2, bw)  # the projection bias enters once, here
+            else:
+                acc.addmm_(d2, bw)
+            del d, d2
+        _apply_clamp(acc, self.out_act)
+        if self.residual:
+            acc.add_(x2d)
+        return acc.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)
+
+    def extra_repr(self) -> str:
+        return f"A={self.kind}, slices={self.sizes}, residual={self.residual}"
+
+
+_FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_FUSED_MIN_NUMEL = 1 << 16
+
+
+def _linear_act(x2d: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bounds) -> torch.Tensor:
+    """act(x2d @ w.T + b) for a (rows, in) matrix and a (out, in) weight.
+
+    oneDNN's fused linear + clamp (the kernel torch.compile emits for the same pattern) writes the wide slice once;
+    addmm would first copy the broadcast bias into it and the clamp would pass over it again (~25% slower measured
+    here on the 1x1 expansions). Its fixed cost per call is higher, so small products keep addmm.
+    """
+    fused = _FUSED_LINEAR and x2d.dtype == torch.float32 and bounds is not None and bounds[1] is not None
+    if fused and x2d.shape[0] * w.shape[0] >= _FUSED_MIN_NUMEL:
+        return torch.ops.mkldnn._linear_pointwise(x2d, w, b, "hardtanh", list(bounds), "")
+    return _apply_clamp(torch.addmm(b, x2d, w.t()), bounds)
+
+
+class PointwiseHead(nn.Module):
+    """The last 1x1 conv (+ ReLU6) and the global average pool, as one matrix multiply over channels_last pixels.
+
+    PyTorch runs a 1x1 conv on a 7x7 map with its slow reference kernel; the matrix multiply is the same arithmetic.
+    """
+
+    def __init__(self, head: ConvBNAct):
+        super().__init__()
+        conv = head.conv
+        self.register_buffer("weight", conv.weight.detach().reshape(conv.out_channels, -1).contiguous())
+        self.register_buffer("bias", conv.bias.detach().clone())
+        self.act = _clamp_of(head.act)
+
+    def _pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """act(conv(x)) as a (N * H * W, C_out) matrix."""
+        return _linear_act(x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), self.weight, self.bias, self.act)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        return self._pixels(x).view(n, h, w, -1).permute(0, 3, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features (N, C_out): the mean over each image's pixels."""
+        n, _, h, w = x.shape
+        return self._pixels(x).view(n, h * w, -1).mean(1)
+
+
+def _is_pointwise(conv: nn.Conv2d) -> bool:
+    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and not isinstance(conv, Conv2dSame)
+
+
+class TSplitMobileNetV2(nn.Module):
+    """A MobileNetV2 whose bottlenecks (and stem + first block) run as t-way split sums; same outputs as the model.
+
+    Inference only: forward runs under `torch.inference_mode`.
+    """
+
+    def __init__(self, model: nn.Module, t: int):
+        super().__init__()
+        if t < 1:
+            raise ValueError(f"t must be a positive integer, got {t}")
+        if getattr(model, "shortcut", "bottleneck") == "expansion":
+            raise ValueError("tsplit: the 'expansion' shortcut ablation adds wide tensors across blocks and cannot be "
+                             "split; use shortcut='bottleneck' or 'none'")
+        folded = fold_bn(model)
+        for p in folded.parameters():
+            p.requires_grad_(False)
+        self.t = t
+        blocks = list(folded.blocks)
+        if not all(isinstance(b, InvertedResidual) for b in blocks):
+            raise ValueError("tsplit expects a MobileNetV2 (blocks of InvertedResidual)")
+        ops: list[nn.Module] = []
+        first = blocks[0]
+        if first.expand is None and not first.use_residual:
+            # Table 3 caption: stem conv (A) + first block's depthwise (N) + projection (B) as one split op.
+            ops.append(SplitBottleneck(folded.stem, first.dw, first.project, False, t))
+            blocks = blocks[1:]
+        else:
+            ops.append(folded.stem)
+        for b in blocks:
+            ops.append(SplitBottleneck(b.expand, b.dw, b.project, b.use_residual, t))
+        self.body = nn.Sequential(*ops)
+        self.head = PointwiseHead(folded.head)  # head conv + global pool: the model's `head` and `pool`
+        self.dropout, self.classifier = folded.dropout, folded.classifier
+        self.eval()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.head.feature_map(self.body(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.classifier(self.dropout(self.head(self.body(x))))
+
+
+def tsplit(model: nn.Module, t: int) -> nn.Module:
+    """`model` (a MobileNetV2, any width / padding / output stride) with BN folded and every bottleneck computed as
+    the t-way split sum of paper section 5.1. t runs from 1 to an op's inner width; an op narrower than t is split
+    into one-channel slices. The input may be in either memory format; activations run channels_last."""
+    return TSplitMobileNetV2(model, t)
