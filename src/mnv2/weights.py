@@ -71,14 +71,20 @@ def load_model(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, 
     return model.eval(), config
 
 
-def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """`model.load_state_dict(state)` with one clear error naming the first key that does not fit."""
+def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str,
+                           key_names: dict[str, str] | None = None) -> None:
+    """`model.load_state_dict(state)` with one clear error naming the first key that does not fit.
+
+    `key_names` maps the model's keys to the names the weights had before renaming (weight import), so that errors
+    name the key the user can find in their file.
+    """
     own = model.state_dict()
     for key, value in own.items():
+        name = repr(key) if not key_names or key not in key_names else f"{key_names[key]!r} (our {key!r})"
         if key not in state:
-            raise UserError(f"{source}: weights lack key {key!r} that the model needs (shape {tuple(value.shape)})")
+            raise UserError(f"{source}: weights lack key {name} that the model needs (shape {tuple(value.shape)})")
         if tuple(state[key].shape) != tuple(value.shape):
-            raise UserError(f"{source}: key {key!r} has shape {tuple(state[key].shape)} but the model expects "
+            raise UserError(f"{source}: key {name} has shape {tuple(state[key].shape)} but the model expects "
                             f"{tuple(value.shape)}")
     extra = [k for k in state if k not in own]
     if extra:

@@ -7,6 +7,7 @@ state dict, so they are read back from the tensor shapes.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,8 +105,46 @@ def load_renamed(model: nn.Module, state: Mapping[str, torch.Tensor], source_key
         if theirs in state:
             value = torch.as_tensor(state[theirs])
             renamed[key] = convert(key, value) if convert is not None else value
-    unused = [k for k in state if k not in set(names.values())]
+    used = set(names.values())
+    unused = [k for k in state if k not in used]
     if unused:
         raise UserError(f"{origin}: weights have key {unused[0]!r} that MobileNetV2 "
                         f"(width {model.width_mult:g}, {model.num_classes} classes) does not have")
     load_state_dict_strict(model, renamed, source=origin, key_names=names)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A PyTorch state dict from a `.pth`/`.pt` file (loaded with `weights_only=True`: no pickled code runs) or a
+    `.safetensors` file. A training checkpoint holding it under "state_dict" or "model" is unwrapped, and the
+    "module." prefix of DistributedDataParallel is dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such state dict file")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise UserError(f"{path}: not a readable PyTorch state dict file (corrupt, or it holds Python objects "
+                            "besides tensors, which are not loaded because unpickling them could run code)") from None
+        except EOFError:
+            raise UserError(f"{path}: not a readable PyTorch state dict file (empty or truncated)") from None
+        except (RuntimeError, ValueError, OSError) as e:
+            reason = str(e).split(". ")[0]
+            raise UserError(f"{path}: not a readable PyTorch state dict file ({reason})") from None
+    if isinstance(state, dict):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: does not hold a state dict (a non-empty mapping of names to tensors)")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
