@@ -15,7 +15,8 @@ def register(sub) -> None:
                        "model at an input resolution. --grid prints the paper's Figure 5 grid beside the paper's "
                        "reference values.")
     p.add_argument("model", nargs="?", default="mobilenet_v2", help="registered model name (default: mobilenet_v2)")
-    p.add_argument("--width", type=float, default=1.0, help="width multiplier alpha (default 1.0)")
+    p.add_argument("--width", type=float, default=None, help="width multiplier alpha (default: the model's own, 1.0 "
+                   "for MobileNets, 2.0 for ShuffleNet)")
     p.add_argument("--resolution", type=int, default=224, help="input height and width (default 224)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--per-layer", action="store_true", help="one row per layer: name, output shape, params, MAdds")
@@ -34,7 +35,7 @@ def run(args) -> int:
         raise UserError(f"--resolution must be at least 32, got {args.resolution}")
     if args.memory:
         return _memory(args)
-    model = create_model(args.model, width_mult=args.width, num_classes=args.num_classes)
+    model = _build(args)
     params, madds = count_params(model), count_madds(model, args.resolution)
     result = {"model": args.model, "width": args.width, "resolution": args.resolution, "params": params,
               "madds": madds}
@@ -53,6 +54,16 @@ def run(args) -> int:
     print(f"{args.model} width {args.width:g} @ {args.resolution}x{args.resolution}: "
           f"{params:,} parameters, {madds / 1e6:.1f}M MAdds")
     return 0
+
+
+def _build(args):
+    """The model to profile; `args.width` is filled in with the model's own width when not given."""
+    kwargs = {"num_classes": args.num_classes}
+    if args.width is not None:
+        kwargs["width_mult"] = args.width
+    model = create_model(args.model, **kwargs)
+    args.width = getattr(model, "width_mult", args.width)
+    return model
 
 
 def _grid(args) -> int:
@@ -83,7 +94,7 @@ def _grid(args) -> int:
 def _memory(args) -> int:
     """Paper section 5.1: eq. (2) in both modes and Table 3 (largest tensor per resolution), ours beside the paper's."""
     from ..analysis.memory import memory_report, table3_rows
-    model = create_model(args.model, width_mult=args.width, num_classes=args.num_classes)
+    model = _build(args)
     report = memory_report(model, args.resolution)
     config = reference.TABLE3_CONFIG.get(args.model)
     matches = config is not None and args.resolution == 224 and all(
