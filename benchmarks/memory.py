@@ -35,7 +35,8 @@ def section(report: dict, command: str, note: str | None = None) -> str:
     meta = report["meta"]
     return "\n".join([
         HEADING, "",
-        (f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads; {meta['date']}; "
+        (f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads; "
+         f"allocator {meta.get('allocator', 'glibc')}; {meta['date']}; "
          f"1-minute load average at start {meta['load_average_at_start']:.1f}."),
         f"Command: `{command}`", "",
         *([note, ""] if note else []),
@@ -67,6 +68,21 @@ def write_section(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _reexec_with_tcmalloc(argv: list[str]) -> None:
+    """Replace this process by the same command with tcmalloc preloaded, unless it already is."""
+    from mnv2.engine.fastpath import allocator_in_use, find_tcmalloc
+
+    if allocator_in_use() == "tcmalloc":
+        return
+    lib = find_tcmalloc()
+    if lib is None:
+        sys.exit("benchmarks/memory.py: error: --allocator tcmalloc: no libtcmalloc found (Debian/Ubuntu: "
+                 "apt-get install libtcmalloc-minimal4)")
+    env = dict(os.environ, LD_PRELOAD=":".join(p for p in (lib, os.environ.get("LD_PRELOAD", "")) if p))
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, os.path.abspath(argv[0]), *argv[1:]], env)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -76,11 +92,17 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--note", help="a line printed under the command (e.g. the state of the machine)")
     p.add_argument("--write", metavar="MARKDOWN", help="update this file's memory section (e.g. BENCHMARKS.md)")
+    p.add_argument("--allocator", choices=("system", "tcmalloc"), default="system",
+                   help="tcmalloc: re-run this script once with tcmalloc preloaded (as `mnv2 train` does); the split's "
+                        "many small oneDNN calls each malloc and free, so the allocator moves its latency ratio")
     args = p.parse_args(argv)
+    if args.allocator == "tcmalloc":
+        _reexec_with_tcmalloc(sys.argv if argv is None else [sys.argv[0], *argv])
     report = run(args.width, [int(r) for r in args.resolutions.split(",")], [int(t) for t in args.splits.split(",")],
                  args.repeats, args.threads)
     command = (f"python benchmarks/memory.py --threads {args.threads} --resolutions {args.resolutions} "
-               f"--splits {args.splits} --width {args.width:g}" + (f" --repeats {args.repeats}" if args.repeats else ""))
+               f"--splits {args.splits} --width {args.width:g}" + (f" --repeats {args.repeats}" if args.repeats else "")
+               + (" --allocator tcmalloc" if args.allocator == "tcmalloc" else ""))
     text = section(report, command, args.note)
     print(text)
     if args.write:

@@ -106,3 +106,43 @@ def test_forward_features_equals_the_models():
         ref = fold_bn(model).forward_features(x)
     out = tsplit(model, 3).forward_features(x)
     assert out.shape == ref.shape and (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_plain_convolution_path_equals_the_onednn_path(monkeypatch):
+    """The depthwise / stem convolutions run on oneDNN with prepacked weights and fused ReLU6 when it is available;
+    without it (or for float64) the same slices run through F.conv2d + clamp_. Both must give the model's outputs."""
+    import sys
+
+    tsplit_module = sys.modules["mnv2.deploy.tsplit"]
+    model = _model(0.5, padding="tf")
+    x = torch.randn(2, 3, 45, 39)
+    with torch.no_grad():
+        ref = fold_bn(model)(x)
+    fast = tsplit(model, 3)
+    assert fast.body[1]._fast == tsplit_module._ONEDNN_CONV  # the oneDNN path is taken wherever it exists
+    monkeypatch.setattr(tsplit_module, "_ONEDNN_CONV", False)
+    plain = tsplit(model, 3)
+    assert not plain.body[1]._fast
+    a, b = fast(x), plain(x)
+    scale = ref.abs().max()
+    assert (a - ref).abs().max() <= 1e-4 * scale and (b - ref).abs().max() <= 1e-4 * scale
+    monkeypatch.undo()
+    double = tsplit(model, 3).double()  # converted after construction: the prepared slices follow the new dtype
+    assert not double.body[1]._fast
+    out = double(x.double())
+    assert out.dtype == torch.float64 and (out - ref.double()).abs().max() <= 1e-4 * scale
+
+
+def test_copy_and_pickle_keep_the_function():
+    """Packed oneDNN weights have no storage; deepcopy and torch.save must still work and compute the same outputs."""
+    import copy
+    import io
+
+    split = tsplit(_model(0.35), 4)
+    x = torch.randn(1, 3, 40, 40)
+    ref = split(x)
+    assert torch.equal(copy.deepcopy(split)(x), ref)
+    buf = io.BytesIO()
+    torch.save(split, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), ref)

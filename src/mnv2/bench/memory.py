@@ -101,7 +101,12 @@ def run(width: float = 1.0, resolutions=(224, 1024), splits=(1, 2, 3, 4, 5, 6), 
             results.append({"resolution": r, "variant": name, "peak_bytes": peaks[name],
                             "median_ms": statistics.median(t), "p25_ms": t[len(t) // 4],
                             "p75_ms": t[(3 * len(t)) // 4], "repeats": n})
+    from ..engine.fastpath import allocator_in_use
+
+    # The allocator is recorded: each oneDNN call mallocs and frees small objects, so its fixed cost (and with it
+    # the cost of the split's extra calls) depends on it (tcmalloc roughly halves a small depthwise call here).
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": threads, "width": width,
+            "allocator": allocator_in_use(),
             "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
             f"{_cpu_name()}", "warmup": warmup, "load_average_at_start": load}
     return {"meta": meta, "results": results, "targets": _targets(results)}
@@ -185,6 +190,6 @@ def main(args) -> int:
         return 0
     meta = report["meta"]
     print(f"MobileNetV2 {meta['width']:g}: measured peak activation memory and latency, {meta['threads']} threads, "
-          f"{meta['machine']}, torch {meta['torch']}, {meta['date']}")
+          f"{meta['machine']}, torch {meta['torch']}, allocator {meta['allocator']}, {meta['date']}")
     print(format_markdown(report))
     return 0

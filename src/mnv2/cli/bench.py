@@ -11,6 +11,8 @@ def register(sub) -> None:
                        "section 5.1 t-split executor for t = 1..6.")
     p.add_argument("--model", default="mobilenet_v2")
     p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--weights", metavar="FILE", default=None,
+                   help="benchmark this .safetensors model instead of random weights (latency mode)")
     p.add_argument("--resolution", type=int, default=224)
     p.add_argument("--batch", type=int, default=32, help="batch size of the throughput run (default 32)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")

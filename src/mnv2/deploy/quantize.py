@@ -1,0 +1,141 @@
+"""Int8 static post-training quantisation with onnxruntime.quantization, and its top-1 agreement with fp32.
+
+QDQ format with per-channel int8 weights and uint8 activations (the U8S8 pairing onnxruntime's x86 kernels are built
+for), calibrated on the user's images through the model's own eval preprocessing. Dynamic quantisation is not offered:
+it leaves convolutions in fp32 and is slower than fp32 for a convnet (PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import random
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .export import INPUT_NAME, META_INT8, optional_import
+from .preprocess import Preprocess, dumps
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+DEFAULT_METHOD = "percentile"  # measured best of the three; see docs/deploy.md
+
+
+class CalibrationReader:
+    """onnxruntime's CalibrationDataReader protocol (`get_next`) over preprocessed single-image batches.
+
+    Images are preprocessed lazily, one at a time, so calibrating on many images does not hold them all in memory.
+    """
+
+    def __init__(self, batches: Iterable[np.ndarray]):
+        self._batches: Iterator[np.ndarray] = iter(batches)
+
+    @classmethod
+    def from_images(cls, images: list, preprocess: Preprocess) -> CalibrationReader:
+        return cls(preprocess([im]).numpy() for im in images)
+
+    def get_next(self) -> dict | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+
+def split_calibration(images: list, calib_images: int, seed: int = 0) -> tuple[list, list]:
+    """(calibration, held-out): a seeded shuffle; at most half of the images calibrate, the rest are held out."""
+    if len(images) < 2:
+        raise UserError(f"need at least 2 images to calibrate and check int8 agreement, found {len(images)}")
+    if calib_images < 1:
+        raise UserError(f"--calib-images must be at least 1, got {calib_images}")
+    shuffled = list(images)
+    random.Random(seed).shuffle(shuffled)
+    n = min(calib_images, len(shuffled) // 2)
+    return shuffled[:n], shuffled[n:]
+
+
+def quantize_int8(fp32_model: bytes | str | Path, out: str | Path, reader: CalibrationReader,
+                  method: str = DEFAULT_METHOD, info: dict | None = None) -> Path:
+    """Write the int8 QDQ version of an fp32 ONNX classifier to `out` (atomically); metadata_props are kept and
+    `info` (e.g. calibration count, agreement) is stored under "mnv2.int8"."""
+    onnx = optional_import("onnx", "export", "int8 quantisation")
+    q = optional_import("onnxruntime.quantization", "export", "int8 quantisation")
+    if method not in CALIBRATION_METHODS:
+        raise UserError(f"unknown calibration method {method!r}; expected one of {', '.join(CALIBRATION_METHODS)}")
+    calibrate = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
+                 "percentile": q.CalibrationMethod.Percentile}[method]
+    out = Path(out)
+    with tempfile.TemporaryDirectory(prefix="mnv2-int8-") as work:
+        src = Path(work) / "fp32.onnx"
+        if isinstance(fp32_model, (bytes, bytearray)):
+            src.write_bytes(fp32_model)
+        else:
+            src.write_bytes(Path(fp32_model).read_bytes())
+        original = onnx.load(str(src))
+        pre = Path(work) / "pre.onnx"
+        # Shape inference + graph optimisation first, so every tensor has a known shape and Conv+Clip pairs are
+        # fused before QDQ nodes are placed (onnxruntime's recommended preparation).
+        q.quant_pre_process(str(src), str(pre))
+        quantized = Path(work) / "int8.onnx"
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress to stdout
+            q.quantize_static(str(pre), str(quantized), reader, quant_format=q.QuantFormat.QDQ, per_channel=True,
+                              activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                              calibrate_method=calibrate)
+        model = onnx.load(str(quantized))
+        del model.metadata_props[:]
+        for entry in original.metadata_props:
+            model.metadata_props.add(key=entry.key, value=entry.value)
+        model.metadata_props.add(key=META_INT8, value=dumps({"method": method, **(info or {})}))
+        data = model.SerializeToString()
+    return _atomic_write(out, data)
+
+
+def set_int8_info(path: str | Path, info: dict) -> None:
+    """Replace the "mnv2.int8" metadata of an int8 .onnx file (e.g. to record its measured agreement), atomically."""
+    onnx = optional_import("onnx", "export", "int8 quantisation")
+    model = onnx.load(str(path))
+    kept = [(e.key, e.value) for e in model.metadata_props if e.key != META_INT8]
+    del model.metadata_props[:]
+    for key, value in kept:
+        model.metadata_props.add(key=key, value=value)
+    model.metadata_props.add(key=META_INT8, value=dumps(info))
+    _atomic_write(Path(path), model.SerializeToString())
+
+
+@dataclass
+class Agreement:
+    """Top-1 agreement of the int8 model with the fp32 model on images neither was calibrated on."""
+
+    matches: int
+    images: int
+
+    @property
+    def fraction(self) -> float:
+        return self.matches / self.images if self.images else float("nan")
+
+
+@torch.inference_mode()
+def top1_agreement(fp32_run, int8_run, images: list, preprocess: Preprocess, batch_size: int = 16) -> Agreement:
+    """`fp32_run` / `int8_run`: callables from a float batch (numpy) to logits."""
+    matches = 0
+    for i in range(0, len(images), batch_size):
+        x = preprocess(images[i:i + batch_size]).numpy()
+        matches += int((np.argmax(fp32_run(x), 1) == np.argmax(int8_run(x), 1)).sum())
+    return Agreement(matches, len(images))
+
+
+def _atomic_write(out: Path, data: bytes) -> Path:
+    if not out.parent.is_dir():
+        raise UserError(f"{out}: output directory {out.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out

@@ -1,0 +1,283 @@
+"""Inference backends behind one interface, and `Predictor`: images in, top-k (label, name, probability) out.
+
+Backends (all take a float32 NCHW batch and return logits):
+  torch            eager PyTorch, the reference.
+  torch-fast       BN folded (section 3: conv + BN become one conv) and channels_last, still eager: no start-up cost.
+  torch-compile    torch-fast through torch.compile with weight freezing: faster per image, but compiling takes
+                   tens of seconds, so it is opt-in (long-running services, benchmarks).
+  onnxruntime      the folded graph exported to ONNX (mnv2.deploy.export) on onnxruntime's CPU provider.
+  onnxruntime-int8 the same graph quantised to int8 QDQ (mnv2.deploy.quantize); needs calibration images or an int8
+                   .onnx written by `mnv2 export --int8`.
+  openvino         the ONNX graph on OpenVINO's CPU plugin, fp32 requested explicitly (its default here is bf16).
+The default is the fastest one installed: onnxruntime, else openvino, else torch-fast (PERFORMANCE.md, BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import UserError
+from .export import META_CLASSES, META_INT8, META_PREPROCESS, load_source, optional_import, read_metadata, to_onnx
+from .fold import fold_bn
+from .preprocess import Preprocess, resolve_class_names
+
+BACKENDS = ("torch", "torch-fast", "torch-compile", "onnxruntime", "onnxruntime-int8", "openvino")
+_EXTRA = {"onnxruntime": ("onnxruntime", "export"), "onnxruntime-int8": ("onnxruntime", "export"),
+          "openvino": ("openvino", "openvino")}
+_DEFAULT_ORDER = ("onnxruntime", "openvino", "torch-fast")
+
+
+def is_installed(backend: str) -> bool:
+    if backend not in _EXTRA:
+        return True
+    try:
+        optional_import(*_EXTRA[backend], backend)
+    except UserError:
+        return False
+    return backend != "onnxruntime-int8" or is_installed("onnxruntime")
+
+
+def default_backend() -> str:
+    return next(b for b in _DEFAULT_ORDER if is_installed(b))
+
+
+def _check_backend(name: str) -> None:
+    if name not in BACKENDS:
+        raise UserError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    if name in _EXTRA:
+        module, extra = _EXTRA[name]
+        optional_import(module, extra, f"backend {name!r}")
+
+
+# --- backends: callables numpy [N, 3, H, W] float32 -> numpy logits [N, C] ---------------------------------------
+
+class TorchBackend:
+    def __init__(self, model: nn.Module, threads: int | None = None, channels_last: bool = False,
+                 compile: bool = False):
+        if threads is not None:
+            torch.set_num_threads(threads)  # process-wide: PyTorch has one intra-op pool
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.eval().to(memory_format=self.memory_format)
+        self.model = torch.compile(model, options={"freezing": True}) if compile else model
+
+    @torch.inference_mode()
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        t = torch.from_numpy(x).contiguous(memory_format=self.memory_format)
+        return self.model(t).float().numpy()
+
+
+class OnnxRuntimeBackend:
+    def __init__(self, onnx_model: bytes | str | Path, threads: int | None = None):
+        ort = optional_import("onnxruntime", "export", "backend 'onnxruntime'")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.inter_op_num_threads = 1
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        source = str(onnx_model) if isinstance(onnx_model, (str, Path)) else onnx_model
+        try:
+            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph / InvalidProtobuf types
+            raise UserError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+class OpenVinoBackend:
+    def __init__(self, onnx_model: bytes | str | Path, threads: int | None = None, precision: str = "f32"):
+        ov = optional_import("openvino", "openvino", "backend 'openvino'")
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = threads
+        with tempfile.TemporaryDirectory(prefix="mnv2-ov-") as work:
+            path = Path(onnx_model) if isinstance(onnx_model, (str, Path)) else Path(work) / "model.onnx"
+            if not isinstance(onnx_model, (str, Path)):
+                path.write_bytes(onnx_model)
+            try:
+                self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+            except Exception as e:
+                raise UserError(f"OpenVINO cannot load the model: {str(e).splitlines()[0]}") from None
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return np.array(self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})[0])
+
+
+def build_backend(name: str, model: nn.Module, resolution: int, threads: int | None = None,
+                  calibration: Callable[[], object] | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """Backend `name` for a PyTorch model. `calibration()` returns a CalibrationReader (onnxruntime-int8 only)."""
+    _check_backend(name)
+    model = model.eval()
+    if name == "torch":
+        return TorchBackend(model, threads)
+    if name in ("torch-fast", "torch-compile"):
+        return TorchBackend(fold_bn(model), threads, channels_last=True, compile=name == "torch-compile")
+    fp32 = to_onnx(model, resolution, dynamic_batch=True).SerializeToString()
+    if name == "onnxruntime":
+        return OnnxRuntimeBackend(fp32, threads)
+    if name == "openvino":
+        return OpenVinoBackend(fp32, threads)
+    if calibration is None:
+        raise UserError("backend 'onnxruntime-int8' needs calibration images, or an int8 .onnx file written by "
+                        "`mnv2 export --int8`")
+    from .quantize import quantize_int8
+    with tempfile.TemporaryDirectory(prefix="mnv2-int8-") as work:
+        path = quantize_int8(fp32, Path(work) / "int8.onnx", calibration())
+        return OnnxRuntimeBackend(path.read_bytes(), threads)
+
+
+# --- the predictor -------------------------------------------------------------------------------------------------
+
+class Prediction(NamedTuple):
+    label: int
+    name: str
+    prob: float
+
+
+class Predictor:
+    """Load -> preprocess -> run -> postprocess, the same for every backend.
+
+    >>> p = Predictor.from_weights("best.safetensors", backend="onnxruntime", threads=2)
+    >>> p.predict(["cat.jpg"], topk=3)   # [[Prediction(label=281, name='tabby', prob=0.62), ...]]
+    """
+
+    def __init__(self, backend: Callable[[np.ndarray], np.ndarray], backend_name: str, preprocess: Preprocess,
+                 class_names: Sequence[str], batch_size: int = 8, fixed_batch: int | None = None):
+        if batch_size < 1:
+            raise UserError(f"batch size must be at least 1, got {batch_size}")
+        self.backend, self.backend_name = backend, backend_name
+        self.preprocess, self.class_names = preprocess, list(class_names)
+        # A graph exported without --dynamic-batch accepts exactly its own batch size.
+        self.batch_size = fixed_batch or batch_size
+        self.fixed_batch = fixed_batch
+
+    # construction ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: nn.Module, config: dict, backend: str | None = None, threads: int | None = None,
+                   batch_size: int = 8, resolution: int | None = None, calib_images: list | None = None
+                   ) -> Predictor:
+        """A predictor for a PyTorch model and its config (as stored by `mnv2.weights.save_model`)."""
+        name = backend or default_backend()
+        preprocess = Preprocess.from_dict(config.get("preprocess"), resolution)
+        with torch.inference_mode():
+            num_classes = int(model.eval()(torch.zeros(1, 3, preprocess.resolution, preprocess.resolution)).shape[1])
+        names = resolve_class_names(config.get("class_names"), num_classes)
+        calibration = None
+        if calib_images:
+            from .quantize import CalibrationReader
+            calibration = lambda: CalibrationReader.from_images(calib_images, preprocess)
+        runner = build_backend(name, model, preprocess.resolution, threads, calibration)
+        return cls(runner, name, preprocess, names, batch_size)
+
+    @classmethod
+    def from_weights(cls, path: str | Path, **kwargs) -> Predictor:
+        return cls.from_model(*load_source(weights=path), **kwargs)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, **kwargs) -> Predictor:
+        return cls.from_model(*load_source(run=run_dir), **kwargs)
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, backend: str | None = None, threads: int | None = None,
+                  batch_size: int = 8) -> Predictor:
+        """A predictor for an .onnx classifier; preprocessing and class names come from its metadata_props."""
+        proto, meta, (batch, height, width), num_classes = inspect_onnx(path)
+        name = backend or ("onnxruntime-int8" if META_INT8 in meta else "onnxruntime")
+        if name not in ("onnxruntime", "onnxruntime-int8", "openvino"):
+            raise UserError(f"{path}: an .onnx file runs on onnxruntime or openvino, not backend {name!r}")
+        if name == "onnxruntime-int8" and META_INT8 not in meta:
+            raise UserError(f"{path}: not an int8 model (export one with `mnv2 export --int8`)")
+        _check_backend(name)
+        if META_PREPROCESS in meta:
+            preprocess = Preprocess.from_dict(meta[META_PREPROCESS])
+            if preprocess.resolution not in (height, None) or preprocess.resolution not in (width, None):
+                raise UserError(f"{path}: metadata says input {preprocess.resolution}x{preprocess.resolution} but the "
+                                f"graph takes {height}x{width}")
+        elif isinstance(height, int) and height == width:
+            preprocess = Preprocess(resolution=height)  # a foreign classifier: ImageNet preprocessing at its size
+        else:
+            raise UserError(f"{path}: no mnv2 preprocessing metadata and no fixed square input size")
+        try:
+            names = resolve_class_names(meta.get(META_CLASSES), num_classes)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+        data = proto.SerializeToString()
+        try:
+            runner = OnnxRuntimeBackend(data, threads) if name != "openvino" else OpenVinoBackend(data, threads)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+        return cls(runner, name, preprocess, names, batch_size, fixed_batch=batch)
+
+    # the four steps ----------------------------------------------------------------------------------------------
+    def load(self, images: Sequence) -> np.ndarray:
+        """Images (paths or PIL) -> the preprocessed float32 batch."""
+        return self.preprocess(list(images)).numpy()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Preprocessed batch -> logits, in chunks of the batch size."""
+        chunks = []
+        for i in range(0, len(batch), self.batch_size):
+            x = batch[i:i + self.batch_size]
+            n = len(x)
+            if self.fixed_batch and n < self.fixed_batch:  # pad a static-batch graph's last chunk
+                x = np.concatenate([x, np.zeros((self.fixed_batch - n, *x.shape[1:]), x.dtype)])
+            chunks.append(self.backend(x)[:n])
+        return np.concatenate(chunks)
+
+    def postprocess(self, logits: np.ndarray, topk: int = 5) -> list[list[Prediction]]:
+        z = logits - logits.max(1, keepdims=True)
+        probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        k = max(1, min(topk, probs.shape[1]))
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[Prediction(int(c), self.class_names[c], float(p[c])) for c in row] for p, row in zip(probs, order)]
+
+    def predict(self, images: Sequence, topk: int = 5) -> list[list[Prediction]]:
+        results = []
+        for i in range(0, len(images), self.batch_size):  # preprocess per chunk: bounded memory for many images
+            results += self.postprocess(self.run(self.load(images[i:i + self.batch_size])), topk)
+        return results
+
+
+def inspect_onnx(path: str | Path):
+    """(proto, mnv2 metadata, (batch, H, W) with None for dynamic dims, number of classes) of an image classifier
+    .onnx file, or one UserError naming the file and what is wrong with it."""
+    onnx = optional_import("onnx", "export", "reading .onnx files")
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such ONNX file")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as e:  # protobuf DecodeError, external data missing, ...
+        raise UserError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                        ) from None
+    graph = proto.graph
+    initializers = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if len(graph.node) == 0 or len(inputs) != 1 or len(graph.output) != 1:
+        raise UserError(f"{path}: not an image classifier graph ({len(inputs)} inputs, {len(graph.output)} outputs, "
+                        f"{len(graph.node)} nodes; expected one image input and one logits output)")
+
+    def dims(value_info):
+        return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
+
+    shape_in, shape_out = dims(inputs[0]), dims(graph.output[0])
+    if len(shape_in) != 4 or shape_in[1] != 3:
+        raise UserError(f"{path}: input shape {shape_in} is not an RGB image batch [N, 3, H, W]")
+    if len(shape_out) != 2 or shape_out[1] is None:
+        raise UserError(f"{path}: output shape {shape_out} is not class logits [N, C]")
+    try:
+        meta = read_metadata(proto)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    return proto, meta, tuple(shape_in[0:1] + shape_in[2:]), shape_out[1]

@@ -1,0 +1,112 @@
+"""Task adapters: what the one training loop needs to know about a task, and nothing more.
+
+A task builds its datasets and model, turns a batch into a loss, turns a batch into summable evaluation statistics
+(so they can be all-reduced over ranks), turns the summed statistics into metrics, and writes deployable weights.
+Detection and segmentation adapters implement the same five methods.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..eval.classification import classification_stats, summarize_classification
+from .config import Config
+
+
+class Task(Protocol):
+    best_metric: str  # the metric (higher is better) that picks best.safetensors
+
+    def datasets(self) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]: ...
+    def build_model(self) -> nn.Module: ...
+    def loss(self, model: nn.Module, batch) -> torch.Tensor: ...
+    def eval_stats(self, model: nn.Module, batch) -> torch.Tensor: ...
+    def summarize(self, stats: torch.Tensor) -> dict[str, float]: ...
+    def save_weights(self, path: Path, model: nn.Module, **meta) -> None: ...
+
+
+class ClassificationTask:
+    """Image classification on an ImageFolder (or the embedded shapes data): cross-entropy, top-1 / top-5."""
+
+    best_metric = "top1"
+
+    def __init__(self, cfg: Config, data_root: Path):
+        self.cfg, self.root = cfg, Path(data_root)
+        self.class_names: list[str] = []
+        self.mix = None
+
+    def datasets(self):
+        from ..data import transforms
+        from ..data.imagefolder import ImageFolderDataset
+
+        d = self.cfg.data
+        try:
+            train_tf = transforms.train_preset(d.resolution, scale=d.scale, hflip=d.hflip,
+                                               color_jitter=d.color_jitter, auto_augment=d.auto_augment,
+                                               random_erasing=d.random_erasing, mean=d.mean, std=d.std,
+                                               interpolation=d.interpolation)
+            eval_tf = self.eval_transform()
+        except ValueError as e:  # a bad data.* value in the recipe
+            raise UserError(f"data: {e}") from None
+        train = ImageFolderDataset(self.root, d.train_split, transform=train_tf, on_bad_image=d.on_bad_image)
+        val = ImageFolderDataset(self.root, d.val_split, transform=eval_tf, on_bad_image=d.on_bad_image)
+        if list(val.classes) != list(train.classes):
+            raise UserError(f"{self.root}: {d.val_split}/ has classes {list(val.classes)[:5]}... but "
+                            f"{d.train_split}/ has {list(train.classes)[:5]}...; they must match")
+        self.class_names = list(train.classes)
+        mix = transforms.mixup_cutmix(len(self.class_names), d.mixup_alpha, d.cutmix_alpha)
+        self.mix = mix.mix if mix is not None else None  # applied to the batch in the main process (resumable)
+        return train, val
+
+    def eval_transform(self):
+        from ..data import transforms
+
+        d = self.cfg.data
+        return transforms.eval_preset(d.eval_resolution or d.resolution, crop_fraction=d.crop_fraction, mean=d.mean,
+                                      std=d.std, interpolation=d.interpolation)
+
+    def model_spec(self) -> tuple[str, dict]:
+        m = self.cfg.model
+        return m.name, {"width_mult": m.width, "num_classes": len(self.class_names), "dropout": m.dropout,
+                        **m.kwargs}
+
+    def build_model(self) -> nn.Module:
+        from ..models import create_model
+
+        name, kwargs = self.model_spec()
+        return create_model(name, **kwargs)
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        images, labels = batch
+        if self.mix is not None:  # mixup / cutmix on the batch, in the main process (seeded, resumable)
+            images, labels = self.mix(images, labels)
+        logits = model(images)
+        return nn.functional.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing)
+
+    def eval_stats(self, model: nn.Module, batch) -> torch.Tensor:
+        images, labels = batch
+        return classification_stats(model(images).float(), labels)
+
+    def summarize(self, stats: torch.Tensor) -> dict[str, float]:
+        return summarize_classification(stats)
+
+    def preprocess(self) -> dict:
+        d = self.cfg.data
+        return {"mean": list(d.mean), "std": list(d.std), "resolution": d.eval_resolution or d.resolution,
+                "crop_fraction": d.crop_fraction, "interpolation": d.interpolation}
+
+    def save_weights(self, path: Path, model: nn.Module, **meta) -> None:
+        from ..weights import save_model
+
+        name, kwargs = self.model_spec()
+        save_model(path, model, name, kwargs, preprocess=self.preprocess(), class_names=self.class_names, **meta)
+
+
+def build_task(cfg: Config, data_root: Path) -> Task:
+    if cfg.task == "classification":
+        return ClassificationTask(cfg, data_root)
+    raise UserError(f"task: unknown task {cfg.task!r} (available: classification)")

@@ -1,0 +1,48 @@
+"""Classification metrics: top-1, top-5 and mean cross-entropy over a split (PAPER.md section 10).
+
+Statistics are kept as sums in one tensor so that ranks of a distributed run can add them with one all-reduce before
+the ratios are taken; a mean of per-rank means would weight ranks with fewer images wrongly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+STATS = ("loss_sum", "top1", "top5", "count")
+
+
+def classification_stats(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[summed cross-entropy, top-1 hits, top-5 hits, images] of one batch (float64 to sum exactly)."""
+    k = min(5, logits.shape[1])
+    loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+    top = logits.topk(k, dim=1).indices
+    hits = top.eq(labels[:, None])
+    return torch.stack([loss.detach().double(), hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                        torch.tensor(float(labels.numel()), dtype=torch.float64)])
+
+
+def summarize_classification(stats: torch.Tensor) -> dict[str, float]:
+    loss_sum, top1, top5, count = stats.tolist()
+    if count == 0:
+        return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "images": 0}
+    return {"loss": loss_sum / count, "top1": top1 / count, "top5": top5 / count, "images": int(count)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", channels_last: bool = True,
+             autocast_dtype: torch.dtype | None = None, progress: bool = False) -> dict[str, float]:
+    """Top-1 / top-5 / loss of `model` over every batch `(images, labels)` of `loader`."""
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    model.eval().to(device)
+    stats = torch.zeros(len(STATS), dtype=torch.float64)
+    for images, labels in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
+        images = images.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(images)
+        stats += classification_stats(logits.float(), labels.to(device)).cpu()
+    return summarize_classification(stats)

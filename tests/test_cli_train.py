@@ -1,0 +1,74 @@
+"""`mnv2 train` from the command line: one-line errors (no traceback) for what a user gets wrong."""
+
+import os
+import subprocess
+import sys
+
+from test_engine_trainer import colour_folder, small_config
+
+from mnv2.engine.trainer import Trainer
+
+ENV = {**os.environ, "MNV2_ALLOCATOR": "system"}  # skip the allocator re-exec: these runs stop before training
+
+
+def mnv2_train(*args, cwd=None):
+    proc = subprocess.run([sys.executable, "-m", "mnv2.cli.main", "train", *args], capture_output=True, text=True,
+                          env=ENV, cwd=cwd, timeout=300)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mnv2 train: error: "), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_missing_data_folder(tmp_path):
+    code, _, err = mnv2_train("--data", str(tmp_path / "nope"), "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, err, str(tmp_path / "nope"), "no such data folder")
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_class_folder(tmp_path):
+    data = colour_folder(tmp_path / "data")
+    for f in (data / "train" / "blue").iterdir():
+        f.unlink()
+    code, _, err = mnv2_train("--data", str(data), "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, err, str(data / "train" / "blue"), "empty class folder")
+
+
+def test_unknown_config_key(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  name: sgd\n  momentun: 0.9\n")
+    code, _, err = mnv2_train("--config", str(recipe), "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, err, str(recipe), "unknown config key 'optim.momentun'")
+    code, _, err = mnv2_train("--set", "train.epoch=3", "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, err, "--set", "unknown config key 'train.epoch'")
+
+
+def test_incompatible_checkpoint(tmp_path):
+    data = colour_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    Trainer(small_config("train.max_steps=1", f"data.root={data}"), run, data, progress=False,
+            log=lambda *a: None).fit()
+    before = (run / "last.pt").read_bytes()
+    code, _, err = mnv2_train("--resume", str(run), "--width", "1.0")
+    assert_one_line_error(code, err, str(run / "last.pt"), "cannot resume", "width_mult=0.35 (config asks 1.0)")
+    code, _, err = mnv2_train("--resume", str(run), "--model", "mobilenet_v1")
+    assert_one_line_error(code, err, "cannot resume", "model 'mobilenet_v2', not 'mobilenet_v1'")
+    assert (run / "last.pt").read_bytes() == before  # nothing already written is damaged
+    (run / "last.pt").write_bytes(b"garbage")
+    code, _, err = mnv2_train("--resume", str(run))
+    assert_one_line_error(code, err, "not a readable mnv2 checkpoint")
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"precious")
+    code, _, err = mnv2_train("--out", str(run))
+    assert_one_line_error(code, err, "already holds a run")
+    assert (run / "last.pt").read_bytes() == b"precious"

@@ -1,0 +1,60 @@
+"""Every shipped recipe in configs/ parses against the typed config and builds its model, optimizer and schedule."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnv2.engine import recipes_dir
+from mnv2.engine.config import load_config
+from mnv2.engine.optim import RMSpropTF, build_optimizer, build_schedule
+from mnv2.errors import UserError
+from mnv2.models import create_model
+
+RECIPES = sorted(recipes_dir().glob("*.yaml"))
+
+
+def test_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {"demo.yaml", "imagenet_mnv2_1.0_224.yaml", "imagenet_mnv2_1.0_224_tv2.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_recipe_builds(path: Path):
+    cfg = load_config(path)
+    model = create_model(cfg.model.name, width_mult=cfg.model.width, num_classes=1000, dropout=cfg.model.dropout,
+                         **cfg.model.kwargs)
+    opt = build_optimizer(model, cfg.optim)
+    sched = build_schedule(opt, cfg.schedule, steps_per_epoch=100, epochs=cfg.train.epochs)
+    assert opt.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr * sched.lr_lambdas[0](0))
+    assert 32 <= cfg.data.resolution <= 512 and (cfg.data.eval_resolution or cfg.data.resolution) >= 32
+    out = model.eval()(torch.zeros(1, 3, 32, 32))  # the network is fully convolutional; keep the test fast
+    assert out.shape == (1, 1000)
+
+
+def test_paper_recipe_is_the_paper_s():
+    """PAPER.md section 5: RMSProp decay 0.9 / momentum 0.9, wd 4e-5, lr 0.045 x 0.98 per epoch, batch 96."""
+    cfg = load_config(recipes_dir() / "imagenet_mnv2_1.0_224.yaml")
+    model = create_model("mobilenet_v2", num_classes=10)
+    opt = build_optimizer(model, cfg.optim)
+    assert isinstance(opt, RMSpropTF)
+    g = opt.param_groups[0]
+    assert (g["lr"], g["decay"], g["momentum"], g["weight_decay"]) == (0.045, 0.9, 0.9, 4e-5)
+    sched = build_schedule(opt, cfg.schedule, steps_per_epoch=10, epochs=3)
+    assert sched.lr_lambdas[0](10) == pytest.approx(0.98)
+    assert cfg.train.batch_size == 96
+
+
+def test_overrides_and_unknown_keys(tmp_path):
+    cfg = load_config(recipes_dir() / "demo.yaml", ["optim.lr=0.1", "data.scale=[0.5, 1.0]", "model.kwargs={bn_eps: 0.001}"])
+    assert cfg.optim.lr == 0.1 and cfg.data.scale == (0.5, 1.0) and cfg.model.kwargs == {"bn_eps": 0.001}
+    with pytest.raises(UserError, match=r"--set: unknown config key 'optim.learning_rate'"):
+        load_config(None, ["optim.learning_rate=0.1"])
+    with pytest.raises(UserError, match=r"'train.epochs' expects an integer, got 'ten'"):
+        load_config(None, ["train.epochs=ten"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  widht: 0.5\n")
+    with pytest.raises(UserError, match=rf"{bad}: unknown config key 'model.widht'"):
+        load_config(bad)
+    with pytest.raises(UserError, match="unknown config key 'modle'"):
+        load_config(None, ["modle.width=1"])

@@ -1,0 +1,61 @@
+"""Int8 static quantisation: a real QDQ int8 graph, top-1 agreement with fp32 computed on held-out images."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from deploy_helpers import PREPROCESS, exported_onnx, quantized_onnx, shapes_images
+
+from mnv2.deploy.preprocess import Preprocess
+from mnv2.deploy.quantize import split_calibration, top1_agreement
+from mnv2.errors import UserError
+
+
+def _run(path):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"input": x})[0]
+
+
+def test_int8_graph_is_quantised_per_channel():
+    graph = onnx.load(str(quantized_onnx()))
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
+    int8_weights = [t for t in graph.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert len(int8_weights) >= 30  # every conv's weights stored as int8
+    # per-channel: a conv weight's scale has one entry per output channel
+    scales = {t.name: t for t in graph.graph.initializer}
+    dq = [n for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in
+          {w.name for w in int8_weights}]
+    assert all(int(np.prod(scales[n.input[1]].dims)) > 1 for n in dq)
+    assert quantized_onnx().stat().st_size < exported_onnx().stat().st_size / 2.5
+    assert any(e.key == "mnv2.int8" for e in graph.metadata_props)
+
+
+def test_int8_top1_agreement_on_held_out_images():
+    """Agreement on the validation images, which calibration never saw. The test model is untrained (random features,
+    prototype head; see deploy_helpers): its decisions hang on small feature differences that int8 noise often flips,
+    so its agreement is far below a trained model's (measured: 0.4-0.5 here; a trained model's figure is in
+    docs/deploy.md). What is asserted: the count is right, and the int8 logits follow the fp32 ones."""
+    held_out = shapes_images("val")
+    preprocess = Preprocess.from_dict(PREPROCESS)
+    fp32, int8 = _run(exported_onnx()), _run(quantized_onnx())
+    agreement = top1_agreement(fp32, int8, held_out, preprocess)
+    # recount independently, image by image
+    x = preprocess(held_out).numpy()
+    matches = sum(int(fp32(x[i:i + 1]).argmax() == int8(x[i:i + 1]).argmax()) for i in range(len(x)))
+    assert agreement.images == len(held_out) and agreement.matches == matches
+    print(f"int8 top-1 agreement with fp32: {agreement.fraction:.3f} on {agreement.images} held-out images")
+    # the int8 logits follow the fp32 ones (measured ~0.85 correlation on this model; calibrating with the wrong
+    # preprocessing or losing the per-channel scales drops it towards 0)
+    a, b = fp32(x), int8(x)
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.6
+
+
+def test_split_calibration_holds_images_out():
+    images = [f"img{i}.jpg" for i in range(10)]
+    calib, held_out = split_calibration(images, 100)
+    assert len(calib) == 5 and len(held_out) == 5  # never more than half calibrates
+    assert not set(calib) & set(held_out) and set(calib) | set(held_out) == set(images)
+    assert split_calibration(images, 3)[0] == calib[:3]  # seeded: the same images every time
+    with pytest.raises(UserError, match="at least 2 images"):
+        split_calibration(images[:1], 10)

@@ -1,0 +1,60 @@
+"""DDP: two CPU processes (torchrun, gloo) take the same steps as one process with the same global batch.
+
+What is compared: model weights after K optimizer steps, within 1e-5, with BatchNorm frozen (`model.freeze_bn`, BN in
+inference mode) and no dropout. With BN in training mode each rank normalises with its own half-batch statistics, which
+is a different function from one process normalising the whole batch (SyncBatchNorm, the remedy, has no CPU kernel in
+PyTorch); dropout draws per-rank random masks. Data order and augmentation are identical by construction (per-sample
+seeds, engine/data_order.py), gradients are averaged by DDP, and the evaluation statistics are summed over ranks.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+from test_engine_trainer import colour_folder
+
+from mnv2.engine.checkpoint import load_checkpoint
+
+K = 3
+
+
+def run(tmp_path, data, name, nproc, batch):
+    args = ["-m", "mnv2.cli.main", "train", "--data", str(data), "--out", str(tmp_path / name), "--width", "0.35",
+            "--resolution", "32", "--epochs", "1", "--batch-size", str(batch), "--workers", "0", "--no-progress",
+            "--set", f"train.max_steps={K}", "--set", "model.freeze_bn=true", "--set", "model.dropout=0.0",
+            "--set", "optim.name=sgd", "--set", "optim.lr=0.1", "--set", "train.threads=1",
+            "--set", "train.checkpoint_every=0", "--set", "train.amp=fp32", "--set", "data.scale=[0.5, 1.0]",
+            "--set", "optim.weight_decay=4e-5", "--set", "schedule.name=constant", "--set", "train.label_smoothing=0.0"]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               "29731", *args]
+    else:
+        cmd = [sys.executable, *args]
+    env = {**os.environ, "MNV2_ALLOCATOR": "system"}  # no allocator re-exec: fewer process start-ups
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return load_checkpoint(tmp_path / name / "last.pt")
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    data = colour_folder(tmp_path / "data", n_train=16, n_val=3)
+    one = run(tmp_path, data, "one", 1, 8)
+    two = run(tmp_path, data, "two", 2, 4)
+    assert one["step"] == two["step"] == K and two["world_size"] == 2
+    for key, value in one["model"].items():
+        assert torch.allclose(value.float(), two["model"][key].float(), atol=1e-5, rtol=0), key
+    # ...and training really moved the weights (the comparison is not between two initialisations).
+    from mnv2 import create_model
+    torch.manual_seed(0)
+    init = create_model("mobilenet_v2", width_mult=0.35, num_classes=3, dropout=0.0).state_dict()
+    moved = sum(not torch.allclose(init[k].float(), v.float()) for k, v in one["model"].items()
+                if v.is_floating_point())
+    assert moved > 10
+    evals = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    evals_one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+                 if '"eval"' in line]
+    assert evals[-1]["model/images"] == 9  # every val image once, split over the ranks
+    assert abs(evals[-1]["model/loss"] - evals_one[-1]["model/loss"]) < 1e-4
