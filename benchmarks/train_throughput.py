@@ -11,7 +11,7 @@ Variants:
   reference   eager fp32, NCHW, glibc malloc defaults: what torchvision's reference training script does
   +tunables   reference + glibc tunables (no mmap, no trim) + channels_last
   +tcmalloc   channels_last, tcmalloc preloaded, fp32
-  fast        mnv2 train's defaults: everything `engine/fastpath.py` picks (allocator, OMP wait policy,
+  fast        mnv2 train's defaults: everything `engine/fastpath.py` picks (allocator,
               channels_last, autocast per `amp_dtype("auto")`)
   fast+bf16   fast with bf16 autocast forced on
 """
@@ -120,10 +120,9 @@ def markdown(results, args) -> str:
                          f"{', channels_last' if r['channels_last'] else ''} | {r['median']:.1f} "
                          f"({r['min']:.1f}-{r['max']:.1f}) | {r['median'] / base:.2f}x | {r['losses'][-1]} |")
     lines += ["", "`reference` is a plain eager fp32 NCHW loop with glibc's default malloc (torchvision's reference "
-              "script); `fast` is what `mnv2 train` does by default (engine/fastpath.py): tcmalloc, channels_last, "
-              "OMP_WAIT_POLICY=PASSIVE and the autocast `amp: auto` picks (fp32 on this CPU once tcmalloc is in use), "
-              "so `fast` vs `+tcmalloc` isolates the OpenMP wait policy, which matters only when the cores are "
-              "shared. Same seed and batches in every row: the losses per step agree to about 1e-3 in fp32 (bf16 "
+              "script); `fast` is what `mnv2 train` does by default (engine/fastpath.py): tcmalloc, channels_last and "
+              "the autocast `amp: auto` picks (fp32 on this CPU once tcmalloc is in use), so on this machine it "
+              "should equal `+tcmalloc` up to noise. Same seed and batches in every row: the losses per step agree to about 1e-3 in fp32 (bf16 "
               "rows differ slightly more).", ""]
     return "\n".join(lines)
 

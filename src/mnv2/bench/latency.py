@@ -51,11 +51,15 @@ def build_runner(name: str, model: nn.Module, resolution: int, threads: int):
     return build_backend(name, model, resolution, threads, calibration)
 
 
-def time_runners(runners: dict, resolution: int, batch: int, repeats: int, warmup: int = 10) -> dict[str, dict]:
+def time_runners(runners: dict, resolution: int, batch: int, repeats: int, warmup: int = 10,
+                 rounds: int = 3) -> dict[str, dict]:
     """Median / p90 batch-1 latency and batch-`batch` throughput of each runner.
 
-    The runners take turns call by call (round robin), so that load from other processes on a shared machine falls on
-    all of them alike instead of on whichever happened to run during a busy spell.
+    Each runner is timed in consecutive blocks (a few re-warm calls, then its share of the repeats), and the blocks
+    go round `rounds` times, so that load from other processes falls on all runners alike. Calls of different runners
+    are not interleaved one by one: each runtime keeps its own thread pool spinning for a while after a call (OpenMP,
+    onnxruntime, TBB), and alternating runtimes call by call made them fight over the two cores (2-thread medians
+    doubled).
     """
     x1 = np.random.default_rng(0).standard_normal((1, 3, resolution, resolution), dtype=np.float32)
     xb = np.random.default_rng(1).standard_normal((batch, 3, resolution, resolution), dtype=np.float32)
@@ -64,18 +68,23 @@ def time_runners(runners: dict, resolution: int, batch: int, repeats: int, warmu
             run(x1)
         run(xb)
     times = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            t = time.perf_counter()
-            run(x1)
-            times[name].append(time.perf_counter() - t)
     busy = dict.fromkeys(runners, 0.0)
-    runs = max(3, repeats // 10)
-    for _ in range(runs):
+    per_round = max(1, -(-repeats // rounds))
+    runs = max(1, -(-max(3, repeats // 10) // rounds))
+    for _ in range(rounds):
         for name, run in runners.items():
-            t = time.perf_counter()
+            for _ in range(3):
+                run(x1)
+            for _ in range(per_round):
+                t = time.perf_counter()
+                run(x1)
+                times[name].append(time.perf_counter() - t)
             run(xb)
-            busy[name] += time.perf_counter() - t
+            for _ in range(runs):
+                t = time.perf_counter()
+                run(xb)
+                busy[name] += time.perf_counter() - t
+    runs *= rounds
     out = {}
     for name in runners:
         ms = sorted(1e3 * s for s in times[name])

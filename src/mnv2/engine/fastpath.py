@@ -50,9 +50,8 @@ def reexec_env(environ: dict) -> dict | None:
     if environ.get(ENV_FLAG) or not sys.platform.startswith("linux"):
         return None
     env = dict(environ)
-    # libgomp threads spin while they wait; on a busy (shared) machine a spinning thread holds the core its partner
-    # needs and a step took 3x longer (docs/training.md). Passive waiting costs little when the machine is quiet.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OMP_WAIT_POLICY is left alone: PASSIVE helped only on a machine shared with other jobs and cost 5-20% of the
+    # step rate on quiet cores (benchmarks/train_throughput.py, BENCHMARKS.md); users on shared hosts may set it.
     lib = find_tcmalloc()
     if lib:
         env["LD_PRELOAD"] = ":".join(p for p in (lib, environ.get("LD_PRELOAD", "")) if p)
