@@ -23,3 +23,12 @@ def randomize_bn(model: torch.nn.Module) -> torch.nn.Module:
             m.weight.data.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
             m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
     return model
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for small forwards that gain nothing from more (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

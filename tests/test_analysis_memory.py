@@ -10,13 +10,7 @@ from mnv2.analysis.memory import block_groups, eq2_bytes, memory_report, resolut
 from mnv2.paper import reference
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these small forwards gain nothing from more, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toy() -> fx.GraphModule:

@@ -13,13 +13,7 @@ from mnv2.deploy import tsplit
 from mnv2.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these small forwards gain nothing from more, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_peak_of_known_allocations():

@@ -8,13 +8,7 @@ from mnv2.deploy import fold_bn, tsplit
 from mnv2.deploy.tsplit import SplitBottleneck
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these small forwards gain nothing from more, and the test machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(width: float = 1.0, **kwargs) -> torch.nn.Module:

@@ -9,13 +9,7 @@ from mnv2.models.shufflenet import ShuffleNetV1
 from mnv2.paper import reference
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the test machine is shared, and two contended threads are slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hand_params(groups: int, stem: int, stages: tuple[int, int, int], classes: int = 1000) -> int:
