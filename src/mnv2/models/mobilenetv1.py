@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .base import Classifier, init_weights
 from .blocks import ConvBNAct, Padding, make_divisible
 from .features import FeatureTap
-from .mobilenetv2 import _init_weights
 
 # MobileNetV1 body: (output channels, stride) of each depthwise-separable layer after the 32-channel stem.
 LAYERS = (
@@ -26,7 +26,7 @@ class DepthwiseSeparable(nn.Sequential):
         self.pw = ConvBNAct(in_ch, out_ch, 1, bn_eps=bn_eps)
 
 
-class MobileNetV1(nn.Module):
+class MobileNetV1(Classifier):
     """MobileNetV1 with the same conventions as `MobileNetV2`: width multiplier rounded to multiples of 8, ReLU6,
     `forward_features` / `forward_head`, declared feature taps, atrous output stride."""
 
@@ -54,20 +54,11 @@ class MobileNetV1(nn.Module):
                 taps.append(FeatureTap(f"layer{i + 1}", current_stride, out_ch))
         self.blocks = nn.Sequential(*layers)
         self.feature_taps = tuple(taps)
-        self.num_features = in_ch
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(in_ch, num_classes) if num_classes > 0 else nn.Identity()
-        _init_weights(self)
+        self._build_head(in_ch, num_classes, dropout)
+        init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.stem(x))
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(torch.flatten(self.pool(x), 1)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def forward_taps(self, x: torch.Tensor, names) -> dict[str, torch.Tensor]:
         known = {t.name for t in self.feature_taps}

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .base import Classifier, init_weights
 from .blocks import BottleneckAct, ConvBNAct, InvertedResidual, Padding, Shortcut, make_divisible
 from .features import FeatureTap
 
@@ -29,7 +30,7 @@ HEAD_CHANNELS = 1280
 LAYER15_BLOCK = 13
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(Classifier):
     """MobileNetV2 classifier.
 
     Args:
@@ -89,12 +90,8 @@ class MobileNetV2(nn.Module):
         self.head = ConvBNAct(in_ch, head_ch, 1, bn_eps=bn_eps)
         taps.append(FeatureTap("head", current_stride, head_ch))
         self.feature_taps: tuple[FeatureTap, ...] = tuple(taps)
-        self.num_features = head_ch
-
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(head_ch, num_classes) if num_classes > 0 else nn.Identity()
-        _init_weights(self)
+        self._build_head(head_ch, num_classes, dropout)
+        init_weights(self)
 
     def _run_blocks(self, x: torch.Tensor, taps: set[str] | None = None, out: dict | None = None) -> torch.Tensor:
         carry = None
@@ -115,14 +112,8 @@ class MobileNetV2(nn.Module):
         """The 1280-channel (at alpha <= 1) map before global pooling."""
         return self.head(self._run_blocks(self.stem(x)))
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(torch.flatten(self.pool(x), 1)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     def forward_taps(self, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """The requested feature maps (names from `feature_taps`), computing only as far as the deepest one."""
+        """The requested feature maps (names from `feature_taps`), from one pass through the network."""
         known = {t.name for t in self.feature_taps}
         unknown = [n for n in names if n not in known]
         if unknown:
@@ -135,17 +126,3 @@ class MobileNetV2(nn.Module):
             out["head"] = self.head(x)
         return {n: out[n] for n in names}
 
-
-def _init_weights(model: nn.Module) -> None:
-    """torchvision's initialisation: He (fan-out) for convs, unit BN, N(0, 0.01) for the classifier."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
-            nn.init.zeros_(m.bias)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .base import Classifier, init_weights
 from .blocks import ConvBNAct
-from .mobilenetv2 import _init_weights
 
 # ShuffleNet Table 1: output channels of stages 2, 3, 4 at width 1x, per number of groups g.
 STAGE_CHANNELS = {1: (144, 288, 576), 2: (200, 400, 800), 3: (240, 480, 960), 4: (272, 544, 1088),
@@ -56,7 +56,7 @@ class ShuffleUnit(nn.Module):
         return self.act(x + out)
 
 
-class ShuffleNetV1(nn.Module):
+class ShuffleNetV1(Classifier):
     """ShuffleNet v1 classifier. `width_mult` scales every layer (the paper's "ShuffleNet s x"); groups is g."""
 
     def __init__(self, num_classes: int = 1000, groups: int = 3, width_mult: float = 1.0, dropout: float = 0.0):
@@ -75,20 +75,11 @@ class ShuffleNetV1(nn.Module):
                                          group_first=not (stage == 0 and i == 0)))
                 in_ch = out_ch
         self.blocks = nn.Sequential(*units)
-        self.num_features = in_ch
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(in_ch, num_classes) if num_classes > 0 else nn.Identity()
-        _init_weights(self)
+        self._build_head(in_ch, num_classes, dropout)
+        init_weights(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.stem_pool(self.stem(x)))
-
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.dropout(torch.flatten(self.pool(x), 1)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def shufflenet_v1(groups: int = 3, width_mult: float = 2.0, **kwargs) -> ShuffleNetV1:
