@@ -20,6 +20,7 @@ from PIL import Image
 
 from mnv2.data.transforms import eval_preset
 from mnv2.deploy import Predictor, default_backend
+from mnv2.deploy.runtime import INT8_BACKENDS
 from mnv2.deploy.preprocess import imagenet_class_names, load_image
 from mnv2.errors import UserError
 
@@ -57,18 +58,44 @@ def test_fp32_backends_agree_with_pytorch(backend, images, reference):
         assert preds[0].prob >= preds[1].prob >= preds[2].prob
 
 
-def test_int8_backend_runs_the_int8_graph(images, reference):
-    predictor = Predictor.from_onnx(quantized_onnx())
-    assert predictor.backend_name == "onnxruntime-int8"  # recognised from the file's metadata
-    top1 = _top1(predictor.predict(images, topk=1))
-    # the same decisions as the int8 graph run directly on independently preprocessed images
+@pytest.fixture(scope="module")
+def int8_reference(images):
+    """Logits of the int8 graph run here straight on onnxruntime, on independently preprocessed images."""
     import onnxruntime as ort
     x = torch.stack([eval_preset(64, crop_fraction=1.0)(load_image(p)) for p in images]).numpy()
     session = ort.InferenceSession(str(quantized_onnx()), providers=["CPUExecutionProvider"])
-    assert np.array_equal(top1, session.run(None, {"input": x})[0].argmax(1))
+    return session.run(None, {"input": x})[0]
+
+
+def test_int8_file_picks_an_int8_backend():
+    assert Predictor.from_onnx(quantized_onnx()).backend_name == default_backend(int8=True)
+    assert default_backend(int8=True) in INT8_BACKENDS
+
+
+def _corr(a, b):
+    return np.corrcoef(a.ravel(), b.ravel())[0, 1]
+
+
+@pytest.mark.parametrize("backend", INT8_BACKENDS)
+def test_int8_backends_run_the_int8_graph(backend, images, reference, int8_reference):
+    if backend == "openvino-int8":
+        pytest.importorskip("openvino")
+    predictor = Predictor.from_onnx(quantized_onnx(), backend=backend)
+    logits = predictor.run(predictor.load(images))
+    top1 = logits.argmax(1)
+    if backend == "onnxruntime-int8":
+        assert np.array_equal(top1, int8_reference.argmax(1))  # the same runtime on the same graph
+    else:
+        # OpenVINO runs the QDQ graph with its own int8 kernels (other rounding and accumulation order), so on this
+        # untrained model's small margins (median 0.6 logits) its decisions differ from onnxruntime's: measured 11 of
+        # 16 equal. What must hold: it computes the same quantised function, and follows fp32 as closely as
+        # onnxruntime int8 does (measured correlation 0.87 with onnxruntime int8's logits, 0.78 with fp32's).
+        assert _corr(logits, int8_reference) > 0.8
+    assert _corr(logits, np.log(reference)) > 0.6
     # Agreement with fp32 is reported, not asserted: on this untrained model int8 noise flips many decisions (see
     # test_deploy_quantize and docs/deploy.md for a trained model's figure).
-    print(f"int8 vs fp32 top-1 agreement on {len(images)} images: {(top1 == reference.argmax(1)).mean():.3f}")
+    print(f"{backend}: top-1 agreement with fp32 {(top1 == reference.argmax(1)).mean():.3f}, with onnxruntime int8 "
+          f"{(top1 == int8_reference.argmax(1)).mean():.3f} on {len(images)} images")
 
 
 def test_static_batch_file_pads_the_last_chunk(tmp_path, images, reference):
@@ -145,7 +172,7 @@ def test_mismatched_onnx_is_one_clear_error(tmp_path):
         assert expected in _one_line(e) and str(bad) in _one_line(e)
     with pytest.raises(UserError, match="not an int8 model"):
         Predictor.from_onnx(exported_onnx(), backend="onnxruntime-int8")
-    with pytest.raises(UserError, match="runs on onnxruntime or openvino"):
+    with pytest.raises(UserError, match="runs on onnxruntime, openvino, "):
         Predictor.from_onnx(exported_onnx(), backend="torch")
 
 

@@ -15,6 +15,7 @@ from mnv2.errors import UserError
 from mnv2.weights import load_model
 
 DEMO_MIN_TOP1 = 0.8  # chance: 0.125; measured 0.910 with the 50-epoch demo recipe (docs/training.md)
+SHORT_DEMO_MIN_TOP1 = 0.5  # 4x chance; the same recipe cut to 30 epochs measured 0.656-0.685
 
 
 def colour_folder(root: Path, n_train: int = 8, n_val: int = 4, size: int = 24) -> Path:
@@ -63,15 +64,26 @@ def test_short_run_learns_and_writes_the_run_dir(tmp_path):
     assert "lr: 0.002" in (run / "config.yaml").read_text()
 
 
-@pytest.mark.slow
-def test_demo_recipe_on_embedded_data_beats_chance(tmp_path):
-    """The main job's recipe (configs/demo.yaml) on the embedded shapes data: far above chance (1/8)."""
+def _train_demo_recipe(tmp_path, *overrides):
     from mnv2.data.synthetic import ensure_demo_dataset
     from mnv2.engine import recipes_dir
 
     data = ensure_demo_dataset(tmp_path / "shapes")
-    cfg = load_config(recipes_dir() / "demo.yaml")
-    result = Trainer(cfg, tmp_path / "run", data, progress=False, log=lambda *a: None).fit()
+    cfg = load_config(recipes_dir() / "demo.yaml", list(overrides))
+    return Trainer(cfg, tmp_path / "run", data, progress=False, log=lambda *a: None).fit()
+
+
+def test_short_demo_run_on_embedded_data_beats_chance(tmp_path):
+    """The main job's recipe cut to 30 of its 50 epochs, on the embedded shapes data (8 classes, chance 1/8), one
+    thread: about 4 minutes. Measured 0.656 (2 threads) and 0.685 (1 thread) best val top-1."""
+    result = _train_demo_recipe(tmp_path, "train.epochs=30", "train.threads=1", "data.num_workers=0")
+    assert result.best["value"] > SHORT_DEMO_MIN_TOP1, result.metrics
+
+
+@pytest.mark.slow
+def test_demo_recipe_on_embedded_data_beats_chance(tmp_path):
+    """The main job's recipe (configs/demo.yaml) as `mnv2 train` runs it: far above chance (1/8)."""
+    result = _train_demo_recipe(tmp_path)
     assert result.best["value"] > DEMO_MIN_TOP1, result.metrics
 
 

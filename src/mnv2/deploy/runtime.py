@@ -9,7 +9,10 @@ Backends (all take a float32 NCHW batch and return logits):
   onnxruntime-int8 the same graph quantised to int8 QDQ (mnv2.deploy.quantize); needs calibration images or an int8
                    .onnx written by `mnv2 export --int8`.
   openvino         the ONNX graph on OpenVINO's CPU plugin, fp32 requested explicitly (its default here is bf16).
-The default is the fastest one installed: onnxruntime, else openvino, else torch-fast (PERFORMANCE.md, BENCHMARKS.md).
+  openvino-int8    the int8 QDQ graph of onnxruntime-int8 on OpenVINO, which turns the QDQ pairs into its own int8
+                   kernels; the same .onnx file runs on either runtime, with the same calibration.
+The default is the fastest one installed: onnxruntime, else openvino, else torch-fast (PERFORMANCE.md, BENCHMARKS.md);
+for an int8 .onnx file openvino-int8, else onnxruntime-int8.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from .export import META_CLASSES, META_INT8, META_PREPROCESS, load_source, optio
 from .fold import fold_bn
 from .preprocess import Preprocess, resolve_class_names
 
-BACKENDS = ("torch", "torch-fast", "torch-compile", "onnxruntime", "onnxruntime-int8", "openvino")
+BACKENDS = ("torch", "torch-fast", "torch-compile", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-int8")
+INT8_BACKENDS = ("openvino-int8", "onnxruntime-int8")  # fastest first (BENCHMARKS.md)
+ONNX_BACKENDS = ("onnxruntime", "openvino", *INT8_BACKENDS)
 _EXTRA = {"onnxruntime": ("onnxruntime", "export"), "onnxruntime-int8": ("onnxruntime", "export"),
-          "openvino": ("openvino", "openvino")}
+          "openvino": ("openvino", "openvino"), "openvino-int8": ("openvino", "openvino")}
 _DEFAULT_ORDER = ("onnxruntime", "openvino", "torch-fast")
 
 
@@ -41,10 +46,13 @@ def is_installed(backend: str) -> bool:
         optional_import(*_EXTRA[backend], backend)
     except UserError:
         return False
-    return backend != "onnxruntime-int8" or is_installed("onnxruntime")
+    # int8 graphs are written by onnxruntime's quantiser, whichever runtime runs them
+    return backend not in INT8_BACKENDS or is_installed("onnxruntime")
 
 
-def default_backend() -> str:
+def default_backend(int8: bool = False) -> str:
+    if int8:
+        return next((b for b in INT8_BACKENDS if is_installed(b)), INT8_BACKENDS[-1])
     return next(b for b in _DEFAULT_ORDER if is_installed(b))
 
 
@@ -111,7 +119,11 @@ class OpenVinoBackend:
         self.request = self.compiled.create_infer_request()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return np.array(self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})[0])
+        # share_inputs: OpenVINO reads the caller's array instead of copying it (~0.1 ms of a 1.5 ms int8 call);
+        # share_outputs: its output buffer is reused by the next call, so the logits are copied out.
+        out = self.request.infer({0: np.ascontiguousarray(x, dtype=np.float32)}, share_inputs=True,
+                                 share_outputs=True)[0]
+        return np.array(out, copy=True)
 
 
 def build_backend(name: str, model: nn.Module, resolution: int, threads: int | None = None,
@@ -129,12 +141,12 @@ def build_backend(name: str, model: nn.Module, resolution: int, threads: int | N
     if name == "openvino":
         return OpenVinoBackend(fp32, threads)
     if calibration is None:
-        raise UserError("backend 'onnxruntime-int8' needs calibration images, or an int8 .onnx file written by "
+        raise UserError(f"backend {name!r} needs calibration images, or an int8 .onnx file written by "
                         "`mnv2 export --int8`")
     from .quantize import quantize_int8
     with tempfile.TemporaryDirectory(prefix="mnv2-int8-") as work:
-        path = quantize_int8(fp32, Path(work) / "int8.onnx", calibration())
-        return OnnxRuntimeBackend(path.read_bytes(), threads)
+        int8 = quantize_int8(fp32, Path(work) / "int8.onnx", calibration()).read_bytes()
+    return OpenVinoBackend(int8, threads) if name == "openvino-int8" else OnnxRuntimeBackend(int8, threads)
 
 
 # --- the predictor -------------------------------------------------------------------------------------------------
@@ -193,10 +205,10 @@ class Predictor:
                   batch_size: int = 8) -> Predictor:
         """A predictor for an .onnx classifier; preprocessing and class names come from its metadata_props."""
         proto, meta, (batch, height, width), num_classes = inspect_onnx(path)
-        name = backend or ("onnxruntime-int8" if META_INT8 in meta else "onnxruntime")
-        if name not in ("onnxruntime", "onnxruntime-int8", "openvino"):
-            raise UserError(f"{path}: an .onnx file runs on onnxruntime or openvino, not backend {name!r}")
-        if name == "onnxruntime-int8" and META_INT8 not in meta:
+        name = backend or (default_backend(int8=True) if META_INT8 in meta else "onnxruntime")
+        if name not in ONNX_BACKENDS:
+            raise UserError(f"{path}: an .onnx file runs on {', '.join(ONNX_BACKENDS)}, not backend {name!r}")
+        if name in INT8_BACKENDS and META_INT8 not in meta:
             raise UserError(f"{path}: not an int8 model (export one with `mnv2 export --int8`)")
         _check_backend(name)
         if META_PREPROCESS in meta:
@@ -214,7 +226,7 @@ class Predictor:
             raise UserError(f"{path}: {e}") from None
         data = proto.SerializeToString()
         try:
-            runner = OnnxRuntimeBackend(data, threads) if name != "openvino" else OpenVinoBackend(data, threads)
+            runner = OpenVinoBackend(data, threads) if name.startswith("openvino") else OnnxRuntimeBackend(data, threads)
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
         return cls(runner, name, preprocess, names, batch_size, fixed_batch=batch)
