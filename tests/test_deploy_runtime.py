@@ -125,6 +125,7 @@ def test_missing_optional_runtime_names_the_extra(monkeypatch):
     assert default_backend() in ("openvino", "torch-fast")
     monkeypatch.setitem(sys.modules, "openvino", None)
     assert default_backend() == "torch-fast"
+    assert default_backend(int8=True) == "onnxruntime-int8"
     with pytest.raises(UserError, match=r"pip install 'mnv2\[openvino\]'"):
         Predictor.from_onnx(exported_onnx(), backend="openvino")
 
