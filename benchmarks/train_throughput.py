@@ -8,12 +8,14 @@ fixed synthetic batches (forward, backward, SGD step), so the per-step losses sh
     python benchmarks/train_throughput.py --steps 3 --warmup 1 --no-write   # quick check
 
 Variants:
-  reference   eager fp32, NCHW, glibc malloc defaults: what torchvision's reference training script does
+  reference   torchvision's mobilenet_v2, eager fp32, NCHW, glibc malloc defaults: what torchvision's reference
+              training script does
   +tunables   reference + glibc tunables (no mmap, no trim) + channels_last
-  +tcmalloc   channels_last, tcmalloc preloaded, fp32
-  fast        mnv2 train's defaults: everything `engine/fastpath.py` picks (allocator,
-              channels_last, autocast per `amp_dtype("auto")`)
+  +tcmalloc   reference + channels_last + tcmalloc preloaded
+  fast        mnv2's model as `mnv2 train` runs it: everything `engine/fastpath.py` picks (allocator, channels_last,
+              autocast per `amp_dtype("auto")`)
   fast+bf16   fast with bf16 autocast forced on
+All start from the same weights (torchvision's network gets mnv2's initial weights through `to_torchvision`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,16 @@ def child(args) -> None:
     else:
         dtype = None
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = create_model("mobilenet_v2", width_mult=args.width, num_classes=1000).to(memory_format=fmt).train()
+    model = create_model("mobilenet_v2", width_mult=args.width, num_classes=1000)
+    if not args.variant.startswith("fast"):  # torchvision's network (nn.ReLU6), with the same initial weights
+        from torchvision.models import mobilenet_v2
+
+        from mnv2.interop import to_torchvision
+        reference = mobilenet_v2(width_mult=args.width, num_classes=1000)
+        reference.load_state_dict(to_torchvision(model))
+        model = reference
+    model = model.to(memory_format=fmt).train()
+    torch.manual_seed(2)  # the same dropout masks whichever network was built
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=4e-5)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(args.batch, 3, args.res, args.res, generator=g).contiguous(memory_format=fmt),
