@@ -20,8 +20,8 @@ from PIL import Image
 
 from mnv2.data.transforms import eval_preset
 from mnv2.deploy import Predictor, default_backend
-from mnv2.deploy.runtime import INT8_BACKENDS
 from mnv2.deploy.preprocess import imagenet_class_names, load_image
+from mnv2.deploy.runtime import INT8_BACKENDS
 from mnv2.errors import UserError
 
 

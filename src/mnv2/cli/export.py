@@ -109,9 +109,8 @@ def _int8(args, fp32: Path, int8: Path, images: list) -> dict:
     if is_installed("openvino-int8"):
         int8_runs["openvino-int8"] = OpenVinoBackend(int8, args.threads)
     batch = 16 if args.dynamic_batch else 1
-    agreements = {name: top1_agreement(fp32_run, run, heldout, preprocess, batch_size=batch)
+    by_backend = {name: top1_agreement(fp32_run, run, heldout, preprocess, batch_size=batch).fraction
                   for name, run in int8_runs.items()}
-    by_backend = {name: a.fraction for name, a in agreements.items()}
     info = {"method": args.calib_method, "calib_images": len(calib), "heldout_images": len(heldout),
             "top1_agreement": by_backend["onnxruntime-int8"], "top1_agreement_by_backend": by_backend}
     set_int8_info(int8, info)  # the measured agreement travels with the file
