@@ -185,3 +185,16 @@ def test_imagenet_class_names_resource():
     predictor = Predictor.from_model(discriminative_model(), {**CONFIG, "class_names": None}, backend="torch")
     assert predictor.class_names == [f"class_{i}" for i in range(8)]
     assert PREPROCESS["resolution"] == predictor.preprocess.resolution
+
+
+@pytest.mark.parametrize("backend", INT8_BACKENDS)
+def test_int8_backends_from_a_model_calibrate_on_given_images(backend, images, reference):
+    if backend == "openvino-int8":
+        pytest.importorskip("openvino")
+    with pytest.raises(UserError, match=f"backend '{backend}' needs calibration images"):
+        Predictor.from_model(discriminative_model(), CONFIG, backend=backend)
+    predictor = Predictor.from_model(discriminative_model(), CONFIG, backend=backend,
+                                     calib_images=shapes_images("train"))
+    logits = predictor.run(predictor.load(images))
+    assert predictor.backend_name == backend and logits.shape == reference.shape
+    assert _corr(logits, np.log(reference)) > 0.6  # an int8 rounding of the fp32 model, not some other function
