@@ -80,3 +80,12 @@ def write_keras2_h5(model, path):
             for name, variable in zip(names, layer.weights):
                 group.create_dataset(name, data=keras.ops.convert_to_numpy(variable))
     return path
+
+
+def assert_same_outputs(ref: torch.nn.Module, model: torch.nn.Module, size: int = 64, tol: float = 1e-4) -> None:
+    """The two eval-mode models give the same logits on a random batch, and the logits are not near zero."""
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        expected, got = ref(x), model(x)
+    assert expected.std() > 0.2  # the comparison below is not between two near-zero tensors
+    assert (got - expected).abs().max().item() <= tol
