@@ -9,7 +9,6 @@ from mnv2 import create_model
 from mnv2.analysis.memory import block_groups, eq2_bytes, memory_report, resolution_table, schedule, table3_rows, trace
 from mnv2.paper import reference
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

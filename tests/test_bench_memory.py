@@ -12,7 +12,6 @@ from mnv2.bench.memory import main, measure_peak_activation_bytes
 from mnv2.deploy import tsplit
 from mnv2.errors import UserError
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

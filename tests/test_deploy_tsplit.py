@@ -7,7 +7,6 @@ from mnv2 import create_model
 from mnv2.deploy import fold_bn, tsplit
 from mnv2.deploy.tsplit import SplitBottleneck
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -8,7 +8,6 @@ from mnv2.analysis import count_madds, count_params
 from mnv2.models.shufflenet import ShuffleNetV1
 from mnv2.paper import reference
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -3,4 +3,4 @@
 from .models import create_model, list_models
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "__version__"]
+__all__ = ["__version__", "create_model", "list_models"]

@@ -21,9 +21,20 @@ _EXPORTS = {
     "IMAGENET_MEAN": "transforms", "IMAGENET_STD": "transforms", "eval_preset": "transforms",
     "mixup_cutmix": "transforms", "train_preset": "transforms",
 }
-__all__ = ["BadImageError", "BadImageReport", "IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataset",
-           "build_classification_loader", "ensure_demo_dataset", "eval_preset", "load_image", "mixup_cutmix",
-           "train_preset", "write_dataset"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BadImageError",
+    "BadImageReport",
+    "ImageFolderDataset",
+    "build_classification_loader",
+    "ensure_demo_dataset",
+    "eval_preset",
+    "load_image",
+    "mixup_cutmix",
+    "train_preset",
+    "write_dataset",
+]
 
 
 def __getattr__(name: str):

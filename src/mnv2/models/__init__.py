@@ -6,5 +6,15 @@ from .mobilenetv1 import MobileNetV1
 from .mobilenetv2 import TABLE_2, MobileNetV2
 from .registry import create_model, list_models, register_model
 
-__all__ = ["ConvBNAct", "FeatureTap", "InvertedResidual", "MobileNetV1", "MobileNetV2", "TABLE_2", "create_model",
-           "list_models", "make_divisible", "register_model"]
+__all__ = [
+           "TABLE_2",
+           "ConvBNAct",
+           "FeatureTap",
+           "InvertedResidual",
+           "MobileNetV1",
+           "MobileNetV2",
+           "create_model",
+           "list_models",
+           "make_divisible",
+           "register_model",
+]
