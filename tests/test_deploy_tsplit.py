@@ -10,6 +10,19 @@ from mnv2.deploy.tsplit import SplitBottleneck
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(params=["native", "pytorch"])
+def split_path(request, monkeypatch):
+    """Run a test on the native kernels (where they build) and on the PyTorch slice loop."""
+    import sys
+
+    from mnv2.deploy import native
+
+    if request.param == "native" and not native.available():
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    monkeypatch.setattr(sys.modules["mnv2.deploy.tsplit"], "_NATIVE", request.param == "native")
+    return request.param
+
+
 def _model(width: float = 1.0, **kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
     model = create_model("mobilenet_v2", width_mult=width, num_classes=10, **kwargs).eval()
@@ -22,34 +35,37 @@ def _model(width: float = 1.0, **kwargs) -> torch.nn.Module:
     return model
 
 
-def _check(model, ts, x):
+def _check(model, ts, x, path):
     with torch.no_grad():
         ref = fold_bn(model)(x)
     scale = ref.abs().max().item()
     assert scale > 1e-3  # a meaningful logit scale
     for t in ts:
-        out = tsplit(model, t)(x)
+        split = tsplit(model, t)
+        assert all(op._native == (path == "native") for op in split.body if isinstance(op, SplitBottleneck))
+        out = split(x)
         assert out.shape == ref.shape
         err = (out - ref).abs().max().item()
         assert err <= 1e-4 * scale, f"t={t}: max abs difference {err:.3g} vs logit scale {scale:.3g}"
 
 
 @pytest.mark.parametrize("width", [0.35, 1.0, 1.4])
-def test_split_equals_unsplit_for_t_1_to_6(width):
-    _check(_model(width), range(1, 7), torch.randn(3, 3, 37, 45))
+def test_split_equals_unsplit_for_t_1_to_6(width, split_path):
+    _check(_model(width), range(1, 7), torch.randn(3, 3, 37, 45), split_path)
 
 
-def test_split_into_one_channel_slices():
+def test_split_into_one_channel_slices(split_path):
     model = _model(0.35)
     inner = max(b.hidden for b in model.blocks)  # the widest inner tensor: every op ends up in 1-channel slices
-    _check(model, [inner], torch.randn(3, 3, 35, 33))
+    _check(model, [inner], torch.randn(3, 3, 35, 33), split_path)
 
 
-def test_split_with_tf_padding_atrous_and_relu6_bottleneck():
-    _check(_model(0.75, padding="tf", output_stride=16), [3], torch.randn(3, 3, 49, 51))
-    _check(_model(1.0, bottleneck_act="relu6"), [2, 5], torch.randn(1, 3, 41, 41))
+def test_split_with_tf_padding_atrous_and_relu6_bottleneck(split_path):
+    _check(_model(0.75, padding="tf", output_stride=16), [3], torch.randn(3, 3, 49, 51), split_path)
+    _check(_model(1.0, bottleneck_act="relu6"), [2, 5], torch.randn(1, 3, 41, 41), split_path)
 
 
+@pytest.mark.usefixtures("split_path")
 def test_channels_last_input_and_repeated_calls():
     model = _model(1.0)
     split = tsplit(model, 4)
@@ -76,6 +92,7 @@ def test_rejects_expansion_shortcut_and_bad_t():
         tsplit(_model(0.35), 0)
 
 
+@pytest.mark.usefixtures("split_path")
 @pytest.mark.parametrize("t", [2, 4, 5])
 def test_only_one_slice_of_the_inner_tensor_is_alive(t):
     from mnv2.bench.memory import measure_peak_activation_bytes
@@ -102,11 +119,13 @@ def test_forward_features_equals_the_models():
 
 
 def test_plain_convolution_path_equals_the_onednn_path(monkeypatch):
-    """The depthwise / stem convolutions run on oneDNN with prepacked weights and fused ReLU6 when it is available;
-    without it (or for float64) the same slices run through F.conv2d + clamp_. Both must give the model's outputs."""
+    """Without the native kernels the depthwise / stem convolutions run on oneDNN with prepacked weights and fused
+    ReLU6 when it is available; without it (or for float64) the same slices run through F.conv2d + clamp_. Both must
+    give the model's outputs."""
     import sys
 
     tsplit_module = sys.modules["mnv2.deploy.tsplit"]
+    monkeypatch.setattr(tsplit_module, "_NATIVE", False)
     model = _model(0.5, padding="tf")
     x = torch.randn(2, 3, 45, 39)
     with torch.no_grad():
@@ -121,11 +140,12 @@ def test_plain_convolution_path_equals_the_onednn_path(monkeypatch):
     assert (a - ref).abs().max() <= 1e-4 * scale and (b - ref).abs().max() <= 1e-4 * scale
     monkeypatch.undo()
     double = tsplit(model, 3).double()  # converted after construction: the prepared slices follow the new dtype
-    assert not double.body[1]._fast
+    assert not double.body[1]._fast and not double.body[1]._native
     out = double(x.double())
     assert out.dtype == torch.float64 and (out - ref.double()).abs().max() <= 1e-4 * scale
 
 
+@pytest.mark.usefixtures("split_path")
 def test_copy_and_pickle_keep_the_function():
     """Packed oneDNN weights have no storage; deepcopy and torch.save must still work and compute the same outputs."""
     import copy

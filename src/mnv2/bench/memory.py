@@ -101,12 +101,13 @@ def run(width: float = 1.0, resolutions=(224, 1024), splits=(1, 2, 3, 4, 5, 6), 
             results.append({"resolution": r, "variant": name, "peak_bytes": peaks[name],
                             "median_ms": statistics.median(t), "p25_ms": t[len(t) // 4],
                             "p75_ms": t[(3 * len(t)) // 4], "repeats": n})
+    from ..deploy import native
     from ..engine.fastpath import allocator_in_use
 
     # The allocator is recorded: each oneDNN call mallocs and frees small objects, so its fixed cost (and with it
     # the cost of the split's extra calls) depends on it (tcmalloc roughly halves a small depthwise call here).
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": threads, "width": width,
-            "allocator": allocator_in_use(),
+            "allocator": allocator_in_use(), "split_kernels": native.status(),
             "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
             f"{_cpu_name()}", "warmup": warmup, "load_average_at_start": load}
     return {"meta": meta, "results": results, "targets": _targets(results)}
@@ -123,20 +124,29 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+_UNSPLIT = ("folded", "folded channels_last", "t-split t=1")
+
+
+def _fastest_unsplit_ms(rows) -> float:
+    """The latency baseline of the split: the fastest of our unsplit runs -- the folded model in either layout and the
+    split executor itself at t = 1 (same kernels, one slice), so that a faster kernel cannot pass for a cheap split."""
+    return min(row["median_ms"] for row in rows if row["variant"] in _UNSPLIT)
+
+
 def _targets(results: list[dict]) -> list[dict]:
     """Issue 4 targets at t = 4: >= 3x lower peak than torchvision eager; latency <= 1.10x our fastest unsplit
-    folded model (with or without channels_last)."""
+    model (`_fastest_unsplit_ms`)."""
     out = []
     for r in sorted({row["resolution"] for row in results}):
         rows = {row["variant"]: row for row in results if row["resolution"] == r}
         if "t-split t=4" not in rows:
             continue
         t4, tv = rows["t-split t=4"], rows["torchvision eager"]
-        base = min(rows["folded"]["median_ms"], rows["folded channels_last"]["median_ms"])
+        base = _fastest_unsplit_ms(rows.values())
         memory_ratio = tv["peak_bytes"] / t4["peak_bytes"]
         latency_ratio = t4["median_ms"] / base
         out.append({"resolution": r, "peak_ratio_vs_torchvision": memory_ratio, "memory_target_met": memory_ratio >= 3,
-                    "latency_ratio_vs_folded": latency_ratio, "latency_target_met": latency_ratio <= 1.10})
+                    "latency_ratio_vs_unsplit": latency_ratio, "latency_target_met": latency_ratio <= 1.10})
     return out
 
 
@@ -146,10 +156,10 @@ def format_markdown(report: dict) -> str:
     for r in sorted({row["resolution"] for row in report["results"]}):
         rows = [row for row in report["results"] if row["resolution"] == r]
         tv = next(row for row in rows if row["variant"] == "torchvision eager")
-        base = min(row["median_ms"] for row in rows if row["variant"].startswith("folded"))
+        base = _fastest_unsplit_ms(rows)
         lines += [f"{r}x{r}, batch 1, {rows[0]['repeats']} timed runs:", "",
                   ("| variant | peak activations (MB) | torchvision peak / this | median ms (p25-p75) | "
-                   "this / fastest folded |"),
+                   "this / fastest unsplit |"),
                   "|---|---|---|---|---|"]
         for row in rows:
             lines.append(f"| {row['variant']} | {row['peak_bytes'] / 1e6:.2f} | "
@@ -159,7 +169,7 @@ def format_markdown(report: dict) -> str:
     for t in report["targets"]:
         lines.append(f"- {t['resolution']}: t=4 peak {t['peak_ratio_vs_torchvision']:.2f}x lower than torchvision "
                      f"eager (target >= 3x: {'met' if t['memory_target_met'] else 'NOT met'}); latency "
-                     f"{t['latency_ratio_vs_folded']:.2f}x our fastest unsplit folded model (target <= 1.10x: "
+                     f"{t['latency_ratio_vs_unsplit']:.2f}x our fastest unsplit model (target <= 1.10x: "
                      f"{'met' if t['latency_target_met'] else 'NOT met'})")
     return "\n".join(lines)
 
@@ -190,6 +200,7 @@ def main(args) -> int:
         return 0
     meta = report["meta"]
     print(f"MobileNetV2 {meta['width']:g}: measured peak activation memory and latency, {meta['threads']} threads, "
-          f"{meta['machine']}, torch {meta['torch']}, allocator {meta['allocator']}, {meta['date']}")
+          f"{meta['machine']}, torch {meta['torch']}, allocator {meta['allocator']}, split kernels "
+          f"{meta['split_kernels']}, {meta['date']}")
     print(format_markdown(report))
     return 0

@@ -13,9 +13,11 @@ Layout: activations run channels_last, so a 1x1 conv is one matrix multiply over
 projection accumulates with `addmm_` into the output buffer, which allocates nothing per slice.
 
 Speed: at 224x224 and t = 4 the split makes ~70 small calls instead of ~18 large ones, so the fixed cost of each call
-matters as much as its arithmetic. The depthwise filter of a slice therefore runs as oneDNN's convolution with weights
-reordered once into its blocked layout and the ReLU6 fused (one pass over the slice instead of two), and the slice loop
-reads everything it needs from one prepared tuple per slice.
+matters as much as its arithmetic. Where the native kernels build (`native.py`, `csrc/tsplit_kernels.cpp`) a whole
+bottleneck is one call: per slice a matrix multiply for the expansion, a depthwise kernel that applies the expansion's
+bias and ReLU6 as it reads and its own as it writes, and an accumulating matrix multiply for the projection. Elsewhere
+(or for other dtypes) the slices run as PyTorch calls: oneDNN's convolution with prepacked weights and fused ReLU6 for
+the depthwise where oneDNN exists, `F.conv2d` + `clamp_` otherwise. All paths compute the same function.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.blocks import Conv2dSame, ConvBNAct, InvertedResidual, _same_pad
+from . import native
 from .fold import fold_bn
 
 
@@ -48,6 +51,14 @@ def _apply_clamp(x: torch.Tensor, bounds) -> torch.Tensor:
 _ONEDNN_CONV = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
                 and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"))
 _conv_pointwise = torch.ops.mkldnn._convolution_pointwise if _ONEDNN_CONV else None
+_NATIVE = True  # use the native kernels where they build (tests turn this off to check the PyTorch paths)
+_INF = float("inf")
+
+
+def _bounds_or_inf(bounds) -> tuple[float, float]:
+    """`bounds` (see `_clamp_of`) as two floats, +-inf where there is no clamp: the native kernels' convention."""
+    lo, hi = bounds if bounds is not None else (None, None)
+    return (-_INF if lo is None else float(lo), _INF if hi is None else float(hi))
 
 
 def _post_op(bounds) -> tuple[str, list[float]]:
@@ -134,19 +145,30 @@ class SplitBottleneck(nn.Module):
         layout oneDNN computes with; the plain convolution would reorder them on every call. Called again after
         `.to()` / `.double()` (`_apply`), so a converted module takes the path that fits its new dtype / device."""
         has_a = self.kind != "identity"
-        self._fast = _ONEDNN_CONV and self.d_w0.dtype == torch.float32 and self.d_w0.device.type == "cpu"
+        cpu32 = self.d_w0.dtype == torch.float32 and self.d_w0.device.type == "cpu"
+        self._native = cpu32 and _NATIVE and native.available()
+        self._fast = cpu32 and _ONEDNN_CONV
         dc, fc = self.dw_conv, self.first_conv
         slices = []
         for i, (size, lo, hi) in enumerate(zip(self.sizes, self.bounds[:-1], self.bounds[1:], strict=True)):
             aw = getattr(self, f"a_w{i}") if has_a else None
             dw = getattr(self, f"d_w{i}")
-            if self._fast:
+            if self._native:
+                dw = dw.flatten(1).t().contiguous()  # (kh * kw, n_i), the native kernel's layout
+            elif self._fast:
                 dw = _pack_conv(dw, dc, size)
-                if self.kind == "conv":
-                    aw = _pack_conv(aw, fc, 1)
+            if self._fast and self.kind == "conv":
+                aw = _pack_conv(aw, fc, 1)
             slices.append((size, lo, hi, aw, getattr(self, f"a_b{i}") if has_a else None, dw,
                            getattr(self, f"d_b{i}"), getattr(self, f"b_w{i}")))
         self._slices = slices
+        if self._native:  # split_block's per-slice weight lists (no expansion lists for an identity A)
+            _, _, _, aw, ab, dw, db, bw = (list(column) for column in zip(*slices, strict=True))
+            pointwise = self.kind == "pointwise"
+            self._native_args = (aw if pointwise else [], ab if pointwise else [], dw, db, bw)
+            self._bounds = [*_bounds_or_inf(self.first_act), *_bounds_or_inf(self.dw_act),
+                            *_bounds_or_inf(self.out_act)]
+            self._geometry = {}
         # oneDNN post-op names of the activations (ReLU6 = hardtanh(0, 6)), for the fused calls.
         self._first_post = _post_op(self.first_act)
         self._dw_post = _post_op(self.dw_act)
@@ -159,17 +181,41 @@ class SplitBottleneck(nn.Module):
     def __getstate__(self):
         """Pickle / deepcopy without the prepared tuples: oneDNN's packed weights have no storage to copy."""
         state = self.__dict__.copy()
-        state.pop("_slices", None)
+        for key in ("_slices", "_native_args", "_geometry"):
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._cache()
 
+    def dw_geometry(self, h: int, w: int) -> list[int]:
+        """The depthwise filter's (kh, kw, sh, sw, pad top, pad left, dh, dw, out h, out w) on an h x w slice."""
+        dc = self.dw_conv
+        (kh, kw), (sh, sw), (dh, dw) = dc.kernel, dc.stride, dc.dilation
+        if dc.same:  # TF 'SAME': the padding depends on the input size; the extra row / column goes bottom / right
+            ph, pw = _same_pad(h, kh, sh, dh), _same_pad(w, kw, sw, dw)
+            top, left = ph // 2, pw // 2
+        else:
+            top, left = dc.padding
+            ph, pw = 2 * top, 2 * left
+        return [kh, kw, sh, sw, top, left, dh, dw, (h + ph - dh * (kh - 1) - 1) // sh + 1,
+                (w + pw - dw * (kw - 1) - 1) // sw + 1]
+
+    def _geometry_for(self, h: int, w: int) -> list[int]:
+        g = self._geometry.get((h, w))
+        if g is None:
+            g = self._geometry[(h, w)] = self.dw_geometry(h, w)
+        return g
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         hw = h * w
         kind, dc, fc, fast = self.kind, self.dw_conv, self.first_conv, self._fast
+        if self._native and kind != "conv":  # the whole block, every slice, in one native call
+            return torch.ops.mnv2_native.split_block(
+                x.contiguous(memory_format=torch.channels_last), *self._native_args, self.b_bias,
+                self._geometry_for(h, w), self._bounds, self.residual)
         x2d = x.permute(0, 2, 3, 1).reshape(-1, c) if kind == "pointwise" or self.residual else None
         if kind == "conv":
             # TF 'SAME' padding and channels_last, once for all slices: the convolution would otherwise copy an NCHW
@@ -190,25 +236,32 @@ class SplitBottleneck(nn.Module):
                     e = _apply_clamp(F.conv2d(x, aw, ab, fc.stride, fc.padding, fc.dilation), first_act)
             else:
                 e = x[:, lo:hi]
-            if d_same:
-                e = dc.pad(e)
             # N_i: the slice's depthwise filters and their ReLU6 (fused into the convolution on the oneDNN path).
-            if fast:
-                d = _conv_pointwise(e, dw, db, d_pad, d_stride, d_dil, size, *dw_post, "")
+            if self._native:  # the stem's slice, channels_last as the convolution wrote it: viewed as (pixels, n_i)
+                geometry = self._geometry_for(*e.shape[-2:])
+                d2 = torch.ops.mnv2_native.depthwise_nhwc(e.permute(0, 2, 3, 1).reshape(-1, size), n, *e.shape[-2:],
+                                                          dw, db, *self._bounds[2:4], geometry)
+                ho, wo = geometry[-2:]
             else:
-                d = _apply_clamp(F.conv2d(e, dw, db, d_stride, d_pad, d_dil, size), dw_act)
+                if d_same:
+                    e = dc.pad(e)
+                if fast:
+                    d = _conv_pointwise(e, dw, db, d_pad, d_stride, d_dil, size, *dw_post, "")
+                else:
+                    d = _apply_clamp(F.conv2d(e, dw, db, d_stride, d_pad, d_dil, size), dw_act)
+                ho, wo = d.shape[-2:]
+                if d.is_contiguous(memory_format=torch.channels_last):  # as oneDNN writes it: view as (pixels, n_i)
+                    d2 = d.as_strided((n * ho * wo, size), (size, 1))
+                else:
+                    d2 = d.permute(0, 2, 3, 1).reshape(-1, size)
+                del d
             del e  # free this slice of the expanded tensor before the next one exists
-            ho, wo = d.shape[-2:]
-            if d.is_contiguous(memory_format=torch.channels_last):  # as oneDNN writes it: view it as (pixels, n_i)
-                d2 = d.as_strided((n * ho * wo, size), (size, 1))
-            else:
-                d2 = d.permute(0, 2, 3, 1).reshape(-1, size)
             # B_i: accumulate the slice's projection; the projection bias enters once, with the first slice.
             if acc is None:
                 acc = torch.addmm(self.b_bias, d2, bw)
             else:
                 acc.addmm_(d2, bw)
-            del d, d2
+            del d2
         _apply_clamp(acc, self.out_act)
         if self.residual:
             acc.add_(x2d)
