@@ -27,8 +27,10 @@ passes after 3 warm-up passes of every variant, the variants interleaved run by 
 all of them alike, under `torch.inference_mode`, batch 1, fixed intra-op threads. Variants: torchvision
 `mobilenet_v2` eager (random weights, random BN statistics), our model with BN folded (`mnv2.deploy.fold_bn`) in NCHW
 and channels_last, and `mnv2.deploy.tsplit(model, t)`, which computes every bottleneck (and the stem fused with the first
-block) as the t-way split sum of section 5.1, channels_last, one inner slice alive at a time. Targets (issue 4): at
-t = 4, >= 3x lower peak than torchvision eager, latency <= 1.10x our fastest unsplit folded model."""
+block) as the t-way split sum of section 5.1, channels_last, one inner slice alive at a time, on the kernels named in
+the header line ('native': `mnv2.deploy.native`, else the reason they were not used). Targets (issue 4): at t = 4,
+>= 3x lower peak than torchvision eager, latency <= 1.10x our fastest unsplit model -- the fastest of the folded model
+(either layout) and the split executor at t = 1, which runs the same kernels on one slice."""
 
 
 def section(report: dict, command: str, note: str | None = None) -> str:
@@ -36,7 +38,8 @@ def section(report: dict, command: str, note: str | None = None) -> str:
     return "\n".join([
         HEADING, "",
         (f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['threads']} threads; "
-         f"allocator {meta.get('allocator', 'glibc')}; {meta['date']}; "
+         f"allocator {meta.get('allocator', 'glibc')}; split kernels {meta.get('split_kernels', 'pytorch')}; "
+         f"{meta['date']}; "
          f"1-minute load average at start {meta['load_average_at_start']:.1f}."),
         f"Command: `{command}`", "",
         *([note, ""] if note else []),

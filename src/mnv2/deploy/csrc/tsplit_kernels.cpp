@@ -146,7 +146,7 @@ void dw_row_3x3(const DwArgs& a, int64_t n, int64_t oh, int64_t c0) {
   for (int64_t ow = std::max(first, last); ow < g.wo; ++ow) edge(ow);
 }
 
-// One output row, all channels: 16-wide vectors, then 8, 4 and single channels for the rest of the slice.
+// One output row, channels [c0, c0 + V), with the kernel that fits the filter.
 template <int V, bool kInAct>
 void dw_row_block(const DwArgs& a, int64_t n, int64_t oh, int64_t c0) {
   const DwGeom& g = a.g;
@@ -158,6 +158,9 @@ void dw_row_block(const DwArgs& a, int64_t n, int64_t oh, int64_t c0) {
     dw_row_generic<V, kInAct>(a, n, oh, c0);
 }
 
+// Output rows [r0, r1), all channels: 16-wide vectors, then 8 and 4. The last 1-3 channels of a slice of at least 4
+// run as one 4-wide vector over the slice's last four channels, recomputing (with the same result) up to three
+// channels already written: one more pass over the row instead of up to three single-channel ones.
 template <bool kInAct>
 void dw_rows(const DwArgs& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
@@ -166,7 +169,10 @@ void dw_rows(const DwArgs& a, int64_t r0, int64_t r1) {
     for (; c + 16 <= a.C; c += 16) dw_row_block<16, kInAct>(a, n, oh, c);
     for (; c + 8 <= a.C; c += 8) dw_row_block<8, kInAct>(a, n, oh, c);
     for (; c + 4 <= a.C; c += 4) dw_row_block<4, kInAct>(a, n, oh, c);
-    for (; c < a.C; ++c) dw_row_block<1, kInAct>(a, n, oh, c);
+    if (c < a.C && a.C >= 4)
+      dw_row_block<4, kInAct>(a, n, oh, a.C - 4);
+    else
+      for (; c < a.C; ++c) dw_row_block<1, kInAct>(a, n, oh, c);
   }
 }
 
