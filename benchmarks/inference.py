@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from mnv2.bench.latency import measure
+from mnv2.bench.report import replace_section
 
 WIDTHS = (0.35, 0.5, 0.75, 1.0, 1.4)
 RESOLUTIONS = (96, 128, 160, 192, 224)
@@ -107,19 +107,6 @@ def render(results: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the `## Inference` section, keeping every other section of the file."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Inference\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section.rstrip() + "\n\n", text, count=1)
-    else:
-        text = text.rstrip() + "\n\n" + section.rstrip() + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text.rstrip() + "\n")
-    tmp.replace(path)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="four cells, 2 threads")
@@ -139,7 +126,7 @@ def main() -> int:
     results = json.loads(args.from_json.read_text()) if args.from_json else run(args)
     if args.json and not args.from_json:
         args.json.write_text(json.dumps(results, indent=2))
-    write_section(args.out, render(results, args))
+    replace_section(args.out, "## Inference", render(results, args))
     print(f"wrote the Inference section of {args.out}", file=sys.stderr)
     return 0
 

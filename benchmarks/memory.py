@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 
 from mnv2.bench.memory import format_markdown, run
+from mnv2.bench.report import replace_section
 
 HEADING = "## Memory (paper section 5.1)"
 
@@ -45,30 +45,6 @@ def section(report: dict, command: str, note: str | None = None) -> str:
         *([note, ""] if note else []),
         METHOD, "",
         format_markdown(report), ""])
-
-
-def write_section(path: str, text: str) -> None:
-    """Replace this benchmark's section of `path` (up to the next `## ` heading) or append it; atomic."""
-    old = "# Benchmarks\n"
-    if os.path.exists(path):
-        with open(path) as f:
-            old = f.read()
-    lines, out, skipping, replaced = old.splitlines(), [], False, False
-    for line in lines:
-        if line.strip() == HEADING:
-            skipping, replaced = True, True
-            out.append(text.rstrip("\n"))
-            continue
-        if skipping and line.startswith("## "):
-            skipping = False
-        if not skipping:
-            out.append(line)
-    if not replaced:
-        out += ["", text.rstrip("\n")]
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(out) + "\n")
-    os.replace(tmp, path)
 
 
 def _reexec_with_tcmalloc(argv: list[str]) -> None:
@@ -109,7 +85,7 @@ def main(argv=None) -> int:
     text = section(report, command, args.note)
     print(text)
     if args.write:
-        write_section(args.write, text)
+        replace_section(args.write, HEADING, text)
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -138,14 +137,6 @@ def markdown(results, args) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path) -> None:
-    """Replace (or append) the '## Training throughput' section of BENCHMARKS.md, leaving other sections alone."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(r"^## Training throughput\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    new = pattern.sub(lambda m: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
-
-
 def _cpu() -> str:
     try:
         for line in open("/proc/cpuinfo"):
@@ -180,7 +171,9 @@ def main() -> None:
     text = markdown(results, args)
     print(text)
     if not args.no_write:
-        write_section(text, ROOT / "BENCHMARKS.md")
+        from mnv2.bench.report import replace_section
+
+        replace_section(ROOT / "BENCHMARKS.md", "## Training throughput", text)
 
 
 if __name__ == "__main__":

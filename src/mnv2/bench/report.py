@@ -1,0 +1,22 @@
+"""BENCHMARKS.md upkeep: each benchmark script owns one `## ` section and replaces only that one."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+
+def replace_section(path: str | Path, heading: str, text: str) -> None:
+    """Put `text` (which starts with the line `heading`) in place of that section of the Markdown file `path` -- from
+    the heading to the next `## ` heading -- or append it; other sections are kept byte for byte. Written atomically."""
+    path = Path(path)
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = re.compile(rf"^{re.escape(heading)}[ \t]*\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
+    body = text.strip("\n") + "\n\n"
+    new = section.sub(lambda _: body, old, count=1) if section.search(old) else old.rstrip("\n") + "\n\n" + body
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", suffix=".md.tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(new.rstrip("\n") + "\n")
+    os.replace(tmp, path)
