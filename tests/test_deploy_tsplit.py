@@ -15,7 +15,7 @@ def split_path(request, monkeypatch):
     """Run a test on the native kernels (where they build) and on the PyTorch slice loop."""
     import sys
 
-    from mnv2.deploy import native
+    from mnv2 import native
 
     if request.param == "native" and not native.available():
         pytest.skip(f"native kernels unavailable: {native.status()}")

@@ -101,7 +101,7 @@ def run(width: float = 1.0, resolutions=(224, 1024), splits=(1, 2, 3, 4, 5, 6), 
             results.append({"resolution": r, "variant": name, "peak_bytes": peaks[name],
                             "median_ms": statistics.median(t), "p25_ms": t[len(t) // 4],
                             "p75_ms": t[(3 * len(t)) // 4], "repeats": n})
-    from ..deploy import native
+    from .. import native
     from ..engine.fastpath import allocator_in_use
 
     # The allocator is recorded: each oneDNN call mallocs and frees small objects, so its fixed cost (and with it

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.blocks import Conv2dSame, ConvBNAct, InvertedResidual, _same_pad
-from . import native
+from .. import native
 from .fold import fold_bn
 
 

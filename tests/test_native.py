@@ -1,4 +1,4 @@
-"""The native t-split kernels (`mnv2.deploy.native`, csrc/tsplit_kernels.cpp): built here, and equal to PyTorch's."""
+"""mnv2's native kernels (`mnv2.native`, csrc/): built here, and equal to PyTorch's."""
 
 import shutil
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnv2.deploy import native
+from mnv2 import native
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native kernels unavailable: {native.status()}")
 
@@ -32,7 +32,7 @@ def test_turned_off_by_environment(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("compiler, message", [("no-such-compiler-mnv2", "no C++ compiler 'no-such-compiler-mnv2'"),
-                                               ("false", "false failed on tsplit_kernels.cpp")])
+                                               ("false", "false failed on mnv2's native kernels")])
 def test_missing_or_failing_compiler_is_reported_not_raised(monkeypatch, tmp_path, compiler, message):
     _fresh_state(monkeypatch, tmp_path, CXX=compiler)
     assert not native.available()

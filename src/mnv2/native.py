@@ -1,10 +1,10 @@
-"""mnv2's native CPU kernels (`csrc/`), compiled on first use for the machine they run on.
+"""mnv2's native CPU kernels (`csrc/*.cpp`), compiled on first use for the machine they run on.
 
-The t-split executor (`tsplit.py`) calls them through `torch.ops.mnv2_native`. They are built once per source, torch
-version and CPU with the system C++ compiler (`g++`, or `$CXX`) against the installed torch's headers, with
+The t-split executor (`deploy/tsplit.py`) and the fused BN + ReLU6 of training (`engine/fused.py`) call them through
+`torch.ops.mnv2_native`. They are built once per source, torch version and CPU with the system C++ compiler (`g++`, or `$CXX`) against the installed torch's headers, with
 `-march=native`, and cached under `$MNV2_CACHE_DIR` (default `~/.cache/mnv2`). Set `MNV2_NATIVE=0` to turn them off.
-Where they cannot be built (no compiler, an unusual platform), `available()` is False, `status()` says why, and
-`tsplit` runs its PyTorch path: the same function, slower at small inputs.
+Where they cannot be built (no compiler, an unusual platform), `available()` is False, `status()` says why, and their
+callers run PyTorch code that computes the same function, slower.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "tsplit_kernels.cpp"
+SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.cpp"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]
 
 _log = logging.getLogger(__name__)
@@ -47,24 +47,24 @@ def _command(compiler: str, out: Path) -> list[str]:
     root = Path(torch.__file__).parent
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{root / 'include'}",
-            f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}", str(SOURCE), "-o", str(out),
+            f"-I{root / 'include' / 'torch' / 'csrc' / 'api' / 'include'}", *map(str, SOURCES), "-o", str(out),
             f"-L{root / 'lib'}", "-lc10", "-ltorch_cpu"]
 
 
 def _build() -> Path:
     """The compiled library for this source / torch / CPU, built now if the cache does not have it."""
     compiler = os.environ.get("CXX", "g++")
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), torch.__version__.encode(), " ".join(FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in SOURCES), torch.__version__.encode(), " ".join(FLAGS).encode(),
                                      compiler.encode(), platform.machine().encode(), _cpu_flags().encode()]))
     cache = _cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    lib = cache / f"tsplit_kernels-{key.hexdigest()[:16]}.so"
+    lib = cache / f"mnv2_native-{key.hexdigest()[:16]}.so"
     with open(cache / (lib.name + ".lock"), "w") as lock:  # one builder at a time (e.g. pytest-xdist workers)
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not lib.exists():
             if shutil.which(compiler) is None:
-                raise RuntimeError(f"no C++ compiler {compiler!r} on PATH to build {SOURCE.name}")
-            _log.info("mnv2: compiling native t-split kernels for this CPU (once)")
+                raise RuntimeError(f"no C++ compiler {compiler!r} on PATH to build mnv2's native kernels")
+            _log.info("mnv2: compiling native kernels for this CPU (once)")
             fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
             os.close(fd)
             try:
@@ -73,7 +73,7 @@ def _build() -> Path:
                 if done.returncode != 0:
                     first_error = next((line for line in done.stderr.splitlines() if "error" in line),
                                        done.stderr.strip()[-300:])
-                    raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {first_error}")
+                    raise RuntimeError(f"{compiler} failed on mnv2's native kernels: {first_error}")
                 os.replace(tmp, lib)
             finally:
                 if os.path.exists(tmp):
