@@ -38,7 +38,7 @@ def child(args) -> None:
     import torch
 
     from mnv2 import create_model
-    from mnv2.engine import fastpath
+    from mnv2.engine import fastpath, fused
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -60,6 +60,7 @@ def child(args) -> None:
         reference.load_state_dict(to_torchvision(model))
         model = reference
     model = model.to(memory_format=fmt).train()
+    fused_layers = fused.enable(model) if fast else 0  # as `mnv2 train` does (train.fused_bn_act)
     torch.manual_seed(2)  # the same dropout masks whichever network was built
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=4e-5)
     g = torch.Generator().manual_seed(1)
@@ -80,7 +81,7 @@ def child(args) -> None:
     rates = [args.batch / t for t in steady]
     print(json.dumps({"variant": args.variant, "allocator": fastpath.allocator_in_use(),
                       "amp": str(dtype).replace("torch.", "") if dtype else "fp32", "channels_last": channels_last,
-                      "median": statistics.median(rates), "min": min(rates), "max": max(rates), "losses": losses}))
+                      "fused_bn_act": fused_layers > 0, "median": statistics.median(rates), "min": min(rates), "max": max(rates), "losses": losses}))
 
 
 def variant_env(variant: str) -> dict:
@@ -127,12 +128,14 @@ def markdown(results, args) -> str:
         base = rows[0]["median"]
         for r in rows:
             lines.append(f"| {width:g} @ {res} | {batch} | {r['variant']} | {r['allocator']} | {r['amp']}"
-                         f"{', channels_last' if r['channels_last'] else ''} | {r['median']:.1f} "
+                         f"{', channels_last' if r['channels_last'] else ''}"
+                         f"{', fused BN + ReLU6' if r.get('fused_bn_act') else ''} | {r['median']:.1f} "
                          f"({r['min']:.1f}-{r['max']:.1f}) | {r['median'] / base:.2f}x | {r['losses'][-1]} |")
     lines += ["", "`reference` is a plain eager fp32 NCHW loop with glibc's default malloc (torchvision's reference "
-              "script); `fast` is what `mnv2 train` does by default (engine/fastpath.py): tcmalloc, channels_last and "
-              "the autocast `amp: auto` picks (fp32 on this CPU once tcmalloc is in use), so on this machine it "
-              "should equal `+tcmalloc` up to noise. Same seed and batches in every row: the losses per step agree to about 1e-3 in fp32 (bf16 "
+              "script); `fast` is what `mnv2 train` does by default (engine/fastpath.py, engine/fused.py): tcmalloc, "
+              "channels_last, BN + ReLU6 on fused native kernels where the step runs in fp32, and the autocast "
+              "`amp: auto` picks (fp32 on this CPU once tcmalloc is in use); on this machine it differs from "
+              "`+tcmalloc` by channels_last and the fused kernels. Same seed and batches in every row: the losses per step agree to about 1e-3 in fp32 (bf16 "
               "rows differ slightly more).", ""]
     return "\n".join(lines)
 

@@ -51,7 +51,13 @@ def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, dilation: int 
 
 
 class ConvBNAct(nn.Sequential):
-    """conv -> BatchNorm -> activation (ReLU6, or Identity for a linear layer), with stable names conv/bn/act."""
+    """conv -> BatchNorm -> activation (ReLU6, or Identity for a linear layer), with stable names conv/bn/act.
+
+    `bn_act`, when set (the training engine sets it, `engine.fused`), computes act(bn(x)) in training mode in place
+    of the two layers: the same function on fused kernels. The model itself never sets it.
+    """
+
+    bn_act = None
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int = 1, stride: int = 1, dilation: int = 1, groups: int = 1,
                  act: bool = True, bn_eps: float = 1e-5, padding: Padding = "torch"):
@@ -59,6 +65,12 @@ class ConvBNAct(nn.Sequential):
         self.conv = conv2d(in_ch, out_ch, kernel, stride, dilation, groups, padding=padding)
         self.bn = nn.BatchNorm2d(out_ch, eps=bn_eps)
         self.act = nn.ReLU6(inplace=True) if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.bn_act is not None and self.training:
+            return self.bn_act(x, self.bn, self.act)
+        return self.act(self.bn(x))
 
 
 class InvertedResidual(nn.Module):
