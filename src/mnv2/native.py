@@ -1,7 +1,6 @@
 """mnv2's native CPU kernels (`csrc/*.cpp`), compiled on first use for the machine they run on.
 
-The t-split executor (`deploy/tsplit.py`) and the fused BN + ReLU6 of training (`engine/fused.py`) call them through
-`torch.ops.mnv2_native`. They are built once per source, torch version and CPU with the system C++ compiler (`g++`, or `$CXX`) against the installed torch's headers, with
+The t-split executor (`deploy/tsplit.py`) calls them through `torch.ops.mnv2_native`. They are built once per source, torch version and CPU with the system C++ compiler (`g++`, or `$CXX`) against the installed torch's headers, with
 `-march=native`, and cached under `$MNV2_CACHE_DIR` (default `~/.cache/mnv2`). Set `MNV2_NATIVE=0` to turn them off.
 Where they cannot be built (no compiler, an unusual platform), `available()` is False, `status()` says why, and their
 callers run PyTorch code that computes the same function, slower.

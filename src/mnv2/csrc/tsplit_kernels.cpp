@@ -260,7 +260,7 @@ at::Tensor split_block(const at::Tensor& x, at::TensorList expand_w, at::TensorL
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(mnv2_native, m) {
+TORCH_LIBRARY(mnv2_native, m) {
   m.def("depthwise_nhwc", &depthwise_nhwc);
   m.def("split_block", &split_block);
 }

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.blocks import Conv2dSame, ConvBNAct, InvertedResidual, _same_pad
 from .. import native
+from ..models.blocks import Conv2dSame, ConvBNAct, InvertedResidual, _same_pad
 from .fold import fold_bn
 
 

@@ -83,7 +83,6 @@ class TrainConfig:
     deterministic: bool = True
     amp: str = "auto"  # auto | bf16 | fp16 | fp32
     channels_last: bool = True
-    fused_bn_act: bool = True  # BN + ReLU6 on fused native kernels in fp32 CPU training (engine/fused.py)
     device: str = "auto"  # auto | cpu | cuda
     checkpoint_every: int = 50  # also write last.pt every N optimizer steps (0 = only at epoch ends)
     eval_every: int = 1  # epochs

@@ -88,10 +88,11 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # CPU: bf16 autocast paid off (~1.6x) only while glibc malloc's page faults dominated; with tcmalloc it was
-    # slower at small resolutions (docs/training.md), so "auto" keeps fp32 there.
+    # CPU: bf16 where the CPU computes it natively. With tcmalloc it used to gain nothing, because oneDNN's bf16 input
+    # gradient of the four strided depthwise convs cost ~330 ms a step (1.0 @ 224, batch 32); `engine.bf16` runs that
+    # gradient in fp32, and bf16 is then ~1.6x faster than fp32 (BENCHMARKS.md).
     native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    if device.type == "cpu" and native_bf16 and allocator_in_use() != "tcmalloc":
+    if device.type == "cpu" and native_bf16:
         return torch.bfloat16
     return None
 

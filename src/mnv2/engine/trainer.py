@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from . import checkpoint as ckpt
-from . import distributed, fastpath, fused
+from . import bf16, distributed, fastpath
 from .config import Config, config_from_dict, dump_yaml
 from .data_order import ResumableSampler, SeededSamples, ShardSampler
 from .optim import build_ema, build_optimizer, build_schedule
@@ -78,8 +78,8 @@ class Trainer:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format)
-        if t.fused_bn_act and self.device.type == "cpu":
-            fused.enable(self.model)
+        if self.device.type == "cpu":
+            bf16.enable(self.model)  # bf16 autocast: one slow oneDNN gradient computed in fp32 instead
         self.amp_dtype = fastpath.amp_dtype(t.amp, self.device)
         self.scaler = fastpath.grad_scaler(self.device, self.amp_dtype)
         self.optimizer = build_optimizer(self.model, cfg.optim)

@@ -53,11 +53,11 @@ def conv2d(in_ch: int, out_ch: int, kernel: int, stride: int = 1, dilation: int 
 class ConvBNAct(nn.Sequential):
     """conv -> BatchNorm -> activation (ReLU6, or Identity for a linear layer), with stable names conv/bn/act.
 
-    `bn_act`, when set (the training engine sets it, `engine.fused`), computes act(bn(x)) in training mode in place
-    of the two layers: the same function on fused kernels. The model itself never sets it.
+    `train_forward`, when set (the training engine sets it: `engine.bf16`), computes the module in training mode in
+    place of its three layers -- the same function on faster kernels. The model itself never sets it.
     """
 
-    bn_act = None
+    train_forward = None
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int = 1, stride: int = 1, dilation: int = 1, groups: int = 1,
                  act: bool = True, bn_eps: float = 1e-5, padding: Padding = "torch"):
@@ -67,10 +67,9 @@ class ConvBNAct(nn.Sequential):
         self.act = nn.ReLU6(inplace=True) if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        if self.bn_act is not None and self.training:
-            return self.bn_act(x, self.bn, self.act)
-        return self.act(self.bn(x))
+        if self.train_forward is not None and self.training:
+            return self.train_forward(self, x)
+        return self.act(self.bn(self.conv(x)))
 
 
 class InvertedResidual(nn.Module):
