@@ -1,6 +1,7 @@
 """mnv2's native CPU kernels (`csrc/*.cpp`), compiled on first use for the machine they run on.
 
-The t-split executor (`deploy/tsplit.py`) calls them through `torch.ops.mnv2_native`. They are built once per source, torch version and CPU with the system C++ compiler (`g++`, or `$CXX`) against the installed torch's headers, with
+The t-split executor (`deploy/tsplit.py`) calls them through `torch.ops.mnv2_native`. They are built once per source,
+torch version and CPU with the system C++ compiler (`g++`, or `$CXX`) against the installed torch's headers, with
 `-march=native`, and cached under `$MNV2_CACHE_DIR` (default `~/.cache/mnv2`). Set `MNV2_NATIVE=0` to turn them off.
 Where they cannot be built (no compiler, an unusual platform), `available()` is False, `status()` says why, and their
 callers run PyTorch code that computes the same function, slower.
@@ -28,7 +29,8 @@ _state: dict[str, object] = {}
 
 
 def _cpu_flags() -> str:
-    """The CPU's feature flags: part of the cache key, so a shared cache never hands a binary to a CPU it cannot run on."""
+    """The CPU's feature flags: part of the cache key, so that a shared cache never hands a binary to a CPU it cannot
+    run on."""
     try:
         with open("/proc/cpuinfo") as f:
             return next((line for line in f if line.startswith("flags")), "")
@@ -53,8 +55,9 @@ def _command(compiler: str, out: Path) -> list[str]:
 def _build() -> Path:
     """The compiled library for this source / torch / CPU, built now if the cache does not have it."""
     compiler = os.environ.get("CXX", "g++")
-    key = hashlib.sha256(b"\0".join([*(p.read_bytes() for p in SOURCES), torch.__version__.encode(), " ".join(FLAGS).encode(),
-                                     compiler.encode(), platform.machine().encode(), _cpu_flags().encode()]))
+    parts = [*(p.read_bytes() for p in SOURCES), torch.__version__, " ".join(FLAGS), compiler, platform.machine(),
+             _cpu_flags()]
+    key = hashlib.sha256(b"\0".join(p if isinstance(p, bytes) else p.encode() for p in parts))
     cache = _cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     lib = cache / f"mnv2_native-{key.hexdigest()[:16]}.so"

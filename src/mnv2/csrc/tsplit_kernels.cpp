@@ -228,7 +228,8 @@ at::Tensor split_block(const at::Tensor& x, at::TensorList expand_w, at::TensorL
   TORCH_CHECK(bounds.size() == 6, "split_block: expected 6 clamp bounds");
   const bool expand = !expand_w.empty();
   const size_t t = dw_w.size();
-  TORCH_CHECK(t > 0 && dw_b.size() == t && proj_w.size() == t && (!expand || (expand_w.size() == t && expand_b.size() == t)),
+  TORCH_CHECK(t > 0 && dw_b.size() == t && proj_w.size() == t &&
+                  (!expand || (expand_w.size() == t && expand_b.size() == t)),
               "split_block: every slice needs its weights");
   const DwGeom g = geometry(geom);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
