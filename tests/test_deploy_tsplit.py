@@ -159,3 +159,9 @@ def test_copy_and_pickle_keep_the_function():
     torch.save(split, buf)
     buf.seek(0)
     assert torch.equal(torch.load(buf, weights_only=False)(x), ref)
+
+
+def test_empty_batch_and_one_pixel_inputs(split_path):
+    model = _model(0.35)
+    assert tsplit(model, 4)(torch.randn(0, 3, 32, 32)).shape == (0, 10)
+    _check(model, [1, 4], torch.randn(2, 3, 1, 1), split_path)  # every stride-2 op sees a 1 x 1 map

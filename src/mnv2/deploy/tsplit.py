@@ -308,12 +308,12 @@ class PointwiseHead(nn.Module):
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
-        return self._pixels(x).view(n, h, w, -1).permute(0, 3, 1, 2)
+        return self._pixels(x).view(n, h, w, self.weight.shape[0]).permute(0, 3, 1, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features (N, C_out): the mean over each image's pixels."""
         n, _, h, w = x.shape
-        return self._pixels(x).view(n, h * w, -1).mean(1)
+        return self._pixels(x).view(n, h * w, self.weight.shape[0]).mean(1)
 
 
 def _is_pointwise(conv: nn.Conv2d) -> bool:
