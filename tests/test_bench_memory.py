@@ -59,3 +59,19 @@ def test_main_reports_every_variant(capsys):
     variants = [r["variant"] for r in report["results"]]
     assert variants == ["torchvision eager", "folded", "folded channels_last", "t-split t=1", "t-split t=2"]
     assert all(r["peak_bytes"] > 0 and r["median_ms"] > 0 for r in report["results"])
+
+
+def test_latency_target_is_taken_against_the_fastest_unsplit_run():
+    """The split's baseline includes the executor at t = 1: a fast kernel must not make a slow split look cheap."""
+    from mnv2.bench.memory import _targets
+
+    def row(variant, ms, peak=1000):
+        return {"resolution": 224, "variant": variant, "median_ms": ms, "peak_bytes": peak}
+
+    rows = [row("torchvision eager", 12.0, 4000), row("folded", 10.0), row("folded channels_last", 9.0),
+            row("t-split t=1", 6.0), row("t-split t=4", 6.9)]
+    (t,) = _targets(rows)
+    assert t["latency_ratio_vs_unsplit"] == pytest.approx(6.9 / 6.0) and not t["latency_target_met"]
+    assert t["peak_ratio_vs_torchvision"] == 4.0 and t["memory_target_met"]
+    (t,) = _targets([r for r in rows if r["variant"] != "t-split t=1"])  # without t = 1: the folded model
+    assert t["latency_ratio_vs_unsplit"] == pytest.approx(6.9 / 9.0) and t["latency_target_met"]

@@ -16,7 +16,7 @@ def replace_section(path: str | Path, heading: str, text: str) -> None:
     section = re.compile(rf"^{re.escape(heading)}[ \t]*\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     body = text.strip("\n") + "\n\n"
     new = section.sub(lambda _: body, old, count=1) if section.search(old) else old.rstrip("\n") + "\n\n" + body
-    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", suffix=".md.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".md.tmp")
     with os.fdopen(fd, "w") as f:
         f.write(new.rstrip("\n") + "\n")
     os.replace(tmp, path)
