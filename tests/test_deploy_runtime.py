@@ -98,6 +98,22 @@ def test_int8_backends_run_the_int8_graph(backend, images, reference, int8_refer
           f"{(top1 == int8_reference.argmax(1)).mean():.3f} on {len(images)} images")
 
 
+def test_openvino_compiles_per_shape_and_keeps_the_last_few(images, reference):
+    pytest.importorskip("openvino")
+    from mnv2.deploy.runtime import OpenVinoBackend
+    backend = OpenVinoBackend(exported_onnx().read_bytes(), threads=1)
+    assert list(backend.requests) == [(1, 3, 64, 64)]  # the dynamic batch compiled for batch 1 up front
+    x = Predictor.from_onnx(exported_onnx(), backend="openvino").load(images)
+    sizes = [1, 2, 3, 4, 5, 6, 1]
+    for n in sizes:  # more shapes than are kept: the oldest are compiled again when they come back
+        logits = backend(x[:n])
+        assert np.array_equal(logits.argmax(1), reference.argmax(1)[:n])
+    assert len(backend.requests) == OpenVinoBackend.SHAPES_KEPT
+    assert list(backend.requests)[-1] == (1, 3, 64, 64)
+    with pytest.raises(UserError, match=r"cannot run the model on input \[1, 1, 64, 64\]"):
+        backend(x[:1, :1])
+
+
 def test_static_batch_file_pads_the_last_chunk(tmp_path, images, reference):
     from mnv2.deploy import export_onnx
     path = export_onnx(discriminative_model(), CONFIG, tmp_path / "static.onnx", dynamic_batch=False).path
