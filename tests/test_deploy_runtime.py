@@ -58,6 +58,23 @@ def test_fp32_backends_agree_with_pytorch(backend, images, reference):
         assert preds[0].prob >= preds[1].prob >= preds[2].prob
 
 
+def test_torch_fast_runs_mobilenet_v2_on_the_native_executor(monkeypatch):
+    from mnv2 import create_model, native
+    from mnv2.deploy.runtime import fast_module
+    from mnv2.deploy.tsplit import TSplitMobileNetV2
+    v2 = discriminative_model()
+    v1 = create_model("mobilenet_v1", width_mult=0.25, num_classes=8).eval()
+    x = torch.randn(3, 3, 64, 64)
+    for model, executor in ((v2, native.available()), (v1, False)):
+        fast = fast_module(model)
+        assert isinstance(fast, TSplitMobileNetV2) == executor
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+        with torch.inference_mode():
+            assert torch.allclose(fast(x), model(x), atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(native, "available", lambda: False)
+    assert not isinstance(fast_module(v2), TSplitMobileNetV2)
+
+
 @pytest.fixture(scope="module")
 def int8_reference(images):
     """Logits of the int8 graph run here straight on onnxruntime, on independently preprocessed images."""
