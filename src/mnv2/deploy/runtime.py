@@ -129,8 +129,9 @@ class OpenVinoBackend:
             except Exception as e:
                 raise UserError(f"OpenVINO cannot load the model: {str(e).splitlines()[0]}") from None
         self.requests: OrderedDict[tuple[int, ...], object] = OrderedDict()
-        dims = self.model.inputs[0].get_partial_shape()
-        self._request(tuple(d.get_length() if d.is_static else 1 for d in dims))
+        dims = list(self.model.inputs[0].get_partial_shape())
+        if all(d.is_static for d in dims[1:]):  # compile now, so that a graph OpenVINO cannot run fails here
+            self._request((dims[0].get_length() if dims[0].is_static else 1, *(d.get_length() for d in dims[1:])))
 
     def _request(self, shape: tuple[int, ...]):
         request = self.requests.get(shape)
