@@ -52,14 +52,16 @@ def build_runner(name: str, model: nn.Module, resolution: int, threads: int):
 
 
 def time_runners(runners: dict, resolution: int, batch: int, repeats: int, warmup: int = 10,
-                 rounds: int = 3) -> dict[str, dict]:
-    """Median / p90 batch-1 latency and batch-`batch` throughput of each runner.
+                 rounds: int = 10, throughput_rounds: int = 3) -> dict[str, dict]:
+    """Median / p90 batch-1 latency, the median of each round, and batch-`batch` throughput of each runner.
 
-    Each runner is timed in consecutive blocks (a few re-warm calls, then its share of the repeats), and the blocks
-    go round `rounds` times, so that load from other processes falls on all runners alike. Calls of different runners
-    are not interleaved one by one: each runtime keeps its own thread pool spinning for a while after a call (OpenMP,
-    onnxruntime, TBB), and alternating runtimes call by call made them fight over the two cores (2-thread medians
-    doubled).
+    The runners take turns in `rounds` rounds; in each, a runner makes a few re-warm calls and then its share of the
+    timed calls. This host alternates between fast and slow phases lasting seconds (torchvision eager 12 vs 18 ms),
+    so short turns make each phase fall on all runners alike, and the per-round medians let a speed-up be taken
+    round by round, between runs made seconds apart. Calls of different runners are not interleaved one by one:
+    each runtime keeps its own thread pool spinning for a while after a call (OpenMP, onnxruntime, TBB), and
+    alternating runtimes call by call made them fight over the two cores (2-thread medians doubled). Throughput is
+    timed in the first `throughput_rounds` rounds.
     """
     x1 = np.random.default_rng(0).standard_normal((1, 3, resolution, resolution), dtype=np.float32)
     xb = np.random.default_rng(1).standard_normal((batch, 3, resolution, resolution), dtype=np.float32)
@@ -67,29 +69,35 @@ def time_runners(runners: dict, resolution: int, batch: int, repeats: int, warmu
         for _ in range(warmup):
             run(x1)
         run(xb)
+    rounds = max(1, min(rounds, repeats))
+    throughput_rounds = max(1, min(throughput_rounds, rounds))
     times = {name: [] for name in runners}
+    per_round = {name: [] for name in runners}
     busy = dict.fromkeys(runners, 0.0)
-    per_round = max(1, -(-repeats // rounds))
-    runs = max(1, -(-max(3, repeats // 10) // rounds))
-    for _ in range(rounds):
+    calls = max(1, -(-repeats // rounds))
+    runs = max(1, -(-max(3, repeats // 10) // throughput_rounds))
+    for r in range(rounds):
         for name, run in runners.items():
             for _ in range(3):
                 run(x1)
-            for _ in range(per_round):
+            this_round = []
+            for _ in range(calls):
                 t = time.perf_counter()
                 run(x1)
-                times[name].append(time.perf_counter() - t)
-            run(xb)
-            for _ in range(runs):
-                t = time.perf_counter()
+                this_round.append(1e3 * (time.perf_counter() - t))
+            times[name] += this_round
+            per_round[name].append(statistics.median(this_round))
+            if r < throughput_rounds:
                 run(xb)
-                busy[name] += time.perf_counter() - t
-    runs *= rounds
+                for _ in range(runs):
+                    t = time.perf_counter()
+                    run(xb)
+                    busy[name] += time.perf_counter() - t
     out = {}
     for name in runners:
-        ms = sorted(1e3 * s for s in times[name])
+        ms = sorted(times[name])
         out[name] = {"median_ms": statistics.median(ms), "p90_ms": ms[min(len(ms) - 1, int(0.9 * len(ms)))],
-                     "images_per_s": batch * runs / busy[name]}
+                     "round_ms": per_round[name], "images_per_s": batch * runs * throughput_rounds / busy[name]}
     return out
 
 
@@ -127,9 +135,10 @@ def measure(model_name: str = "mobilenet_v2", width: float = 1.0, resolution: in
             runners[name] = build_runner(name, ours, resolution, threads)
     timings = time_runners(runners, resolution, batch, repeats)
     rows = [{"backend": name, **timings[name]} for name in runners]
-    base = rows[0]["median_ms"] if rows and rows[0]["backend"] == BASELINE else None
+    base = rows[0]["round_ms"] if rows and rows[0]["backend"] == BASELINE else None
     for row in rows:
-        row["speedup"] = base / row["median_ms"] if base else None
+        # round by round, so that a slow phase of the host counts against both sides of a ratio
+        row["speedup"] = statistics.median(b / t for b, t in zip(base, row["round_ms"])) if base else None
     return {"model": model_name, "width": width, "resolution": resolution, "threads": threads, "batch": batch,
             "repeats": repeats, "madds": count_madds(ours, resolution), "rows": rows}
 
