@@ -79,7 +79,9 @@ def render(results: list[dict], args) -> str:
              f"{time.strftime('%Y-%m-%d')}: torch {torch.__version__}, {cpu}, {torch.get_num_threads()} cores seen. "
              "Median and p90 latency at batch 1, images/s at batch "
              f"{args.batch}; random weights with realistic BN statistics; torchvision's eager mobilenet_v2 is the "
-             "baseline row of every run (same process, same threads). Speed-up = the median over the run's rounds of torchvision's round median / the backend's (the runners take turns, ten rounds of a few calls each, so that the host's slow phases count against both sides). "
+             "baseline row of every run (same process, same threads). Speed-up = the median over the run's rounds "
+             "of torchvision's round median / the backend's (the runners take turns, ten rounds of a few calls "
+             "each, so that the host's slow phases count against both sides). "
              "Timings on a shared machine are noisy: compare rows of one run, not runs.", ""]
     if args.note:
         lines += [f"**Note.** {args.note}", ""]

@@ -271,7 +271,8 @@ class Predictor:
             raise UserError(f"{path}: {e}") from None
         data = proto.SerializeToString()
         try:
-            runner = OpenVinoBackend(data, threads) if name.startswith("openvino") else OnnxRuntimeBackend(data, threads)
+            runtime = OpenVinoBackend if name.startswith("openvino") else OnnxRuntimeBackend
+            runner = runtime(data, threads)
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
         return cls(runner, name, preprocess, names, batch_size, fixed_batch=batch)
