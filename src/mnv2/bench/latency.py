@@ -52,20 +52,22 @@ def build_runner(name: str, model: nn.Module, resolution: int, threads: int):
 
 
 def time_runners(runners: dict, resolution: int, batch: int, repeats: int, warmup: int = 10,
-                 rounds: int = 10, throughput_rounds: int = 3) -> dict[str, dict]:
+                 rounds: int = 10, throughput_rounds: int = 3, settle: float = 0.06) -> dict[str, dict]:
     """Median / p90 batch-1 latency, the median of each round, and batch-`batch` throughput of each runner.
 
     The runners take turns in `rounds` rounds; in each, a runner makes a few re-warm calls and then its share of the
     timed calls. This host alternates between fast and slow phases lasting seconds (torchvision eager 12 vs 18 ms),
     so short turns make each phase fall on all runners alike, and the per-round medians let a speed-up be taken
-    round by round, between runs made seconds apart. Calls of different runners are not interleaved one by one:
-    each runtime keeps its own thread pool spinning for a while after a call (OpenMP, onnxruntime, TBB), and
-    alternating runtimes call by call made them fight over the two cores (2-thread medians doubled). Throughput is
-    timed in the first `throughput_rounds` rounds.
+    round by round, between runs made seconds apart. Calls of different runners are not interleaved one by one,
+    and each turn starts after a `settle` pause: a runtime keeps its thread pool spinning for a while after a call
+    (onnxruntime's workers ~40 ms, a whole core; OpenMP and TBB less), and a runner timed inside another's spin
+    window shares the cores with it (onnxruntime int8 right after onnxruntime fp32: 3.2 ms instead of 1.8).
+    Throughput is timed in the first `throughput_rounds` rounds.
     """
     x1 = np.random.default_rng(0).standard_normal((1, 3, resolution, resolution), dtype=np.float32)
     xb = np.random.default_rng(1).standard_normal((batch, 3, resolution, resolution), dtype=np.float32)
     for run in runners.values():
+        time.sleep(settle)
         for _ in range(warmup):
             run(x1)
         run(xb)
@@ -78,6 +80,7 @@ def time_runners(runners: dict, resolution: int, batch: int, repeats: int, warmu
     runs = max(1, -(-max(3, repeats // 10) // throughput_rounds))
     for r in range(rounds):
         for name, run in runners.items():
+            time.sleep(settle)
             for _ in range(3):
                 run(x1)
             this_round = []
