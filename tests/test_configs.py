@@ -16,20 +16,45 @@ RECIPES = sorted(recipes_dir().glob("*.yaml"))
 
 def test_recipes_exist():
     names = {p.name for p in RECIPES}
-    assert {"demo.yaml", "imagenet_mnv2_1.0_224.yaml", "imagenet_mnv2_1.0_224_tv2.yaml"} <= names
+    assert {"demo.yaml", "imagenet_mnv2_1.0_224.yaml", "imagenet_mnv2_1.0_224_tv2.yaml", "demo_detection.yaml",
+            "coco_ssdlite_mnv2.yaml", "coco_ssdlite_mnv2_tv.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_recipe_builds(path: Path):
     cfg = load_config(path)
-    model = create_model(cfg.model.name, width_mult=cfg.model.width, num_classes=1000, dropout=cfg.model.dropout,
-                         **cfg.model.kwargs)
+    if cfg.task == "detection":
+        model = create_model(cfg.model.name, width_mult=cfg.model.width, num_classes=80,
+                             image_size=cfg.data.resolution, **cfg.model.kwargs)
+    else:
+        model = create_model(cfg.model.name, width_mult=cfg.model.width, num_classes=1000,
+                             dropout=cfg.model.dropout, **cfg.model.kwargs)
     opt = build_optimizer(model, cfg.optim)
     sched = build_schedule(opt, cfg.schedule, steps_per_epoch=100, epochs=cfg.train.epochs)
     assert opt.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr * sched.lr_lambdas[0](0))
     assert 32 <= cfg.data.resolution <= 512 and (cfg.data.eval_resolution or cfg.data.resolution) >= 32
-    out = model.eval()(torch.zeros(1, 3, 32, 32))  # the network is fully convolutional; keep the test fast
-    assert out.shape == (1, 1000)
+    if cfg.task == "detection":
+        from mnv2.detection import ssd_anchors
+        layout = cfg.model.kwargs.get("anchor_layout", "tf")
+        cls, box = model.eval()(torch.zeros(1, 3, 64, 64))  # any size works; keep the test fast
+        assert cls.shape == (1, len(ssd_anchors(64, layout=layout)), 81) and box.shape[-1] == 4
+    else:
+        out = model.eval()(torch.zeros(1, 3, 32, 32))  # the network is fully convolutional; keep the test fast
+        assert out.shape == (1, 1000)
+
+
+def test_detection_recipes_are_their_sources():
+    """PAPER.md section 8: TF's SSDLite recipe (RMSProp 0.004, batch 24, sigmoid loss, TF anchors, 320 input) and
+    torchvision's (SGD 0.15 cosine, softmax loss, its anchor layout)."""
+    tf = load_config(recipes_dir() / "coco_ssdlite_mnv2.yaml")
+    assert (tf.optim.name, tf.optim.lr, tf.optim.momentum, tf.optim.decay, tf.optim.eps) == (
+        "rmsprop_tf", 0.004, 0.9, 0.9, 1.0)
+    assert (tf.train.batch_size, tf.optim.weight_decay, tf.data.resolution) == (24, 4e-5, 320)
+    assert (tf.detection.loss, tf.detection.neg_pos_ratio, tf.detection.nms_iou) == ("sigmoid", 3.0, 0.6)
+    assert tf.model.kwargs["anchor_layout"] == "tf"
+    tv = load_config(recipes_dir() / "coco_ssdlite_mnv2_tv.yaml")
+    assert (tv.optim.name, tv.optim.lr, tv.schedule.name, tv.detection.loss) == ("sgd", 0.15, "cosine", "softmax")
+    assert tv.model.kwargs["anchor_layout"] == "torchvision"
 
 
 def test_paper_recipe_is_the_paper_s():

@@ -15,6 +15,8 @@ VARIANTS = [(name, {}) for name in list_models()] + [
     ("mobilenet_v2", {"output_stride": 8}),
     ("mobilenet_v2", {"padding": "tf", "bn_eps": 1e-3}),
     ("mobilenet_v1", {"width_mult": 0.5}),
+    ("ssdlite_mobilenet_v2", {"width_mult": 0.35, "anchor_layout": "torchvision"}),
+    ("ssdlite_mobilenet_v2", {"heads": "ssd", "image_size": 300}),
 ]
 
 
@@ -23,9 +25,15 @@ def test_forward_backward(name, kwargs):
     model = create_model(name, num_classes=5, **kwargs).train()
     x = torch.randn(2, 3, 96, 96)
     out = model(x)
-    assert out.shape == (2, 5)
-    assert torch.isfinite(out).all()
-    out.square().sum().backward()
+    if isinstance(out, tuple):  # a detector: (class logits [N, A, C + 1], box deltas [N, A, 4]), one row per anchor
+        from mnv2.detection import ssd_anchors
+        anchors = len(ssd_anchors(96, layout=model.anchor_layout))
+        assert [o.shape for o in out] == [(2, anchors, 6), (2, anchors, 4)]
+    else:
+        assert out.shape == (2, 5)
+        out = (out,)
+    assert all(torch.isfinite(o).all() for o in out)
+    sum(o.square().sum() for o in out).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
     assert all(p.grad.abs().sum() > 0 for p in model.parameters())

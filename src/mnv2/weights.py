@@ -8,8 +8,6 @@ config is written next to the weights as `<name>.json`.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_path, atomic_write_text
 from .errors import UserError
 from .models import create_model
 
@@ -31,15 +30,9 @@ def save_model(path: str | Path, model: nn.Module, model_name: str, model_kwargs
     config = {"model": model_name, "model_kwargs": model_kwargs, **meta}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={CONFIG_KEY: json.dumps(config)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _atomic_write_text(path.with_suffix(".json"), json.dumps(config, indent=2) + "\n")
+    atomic_write_text(path.with_suffix(".json"), json.dumps(config, indent=2) + "\n")
     return path
 
 
@@ -90,10 +83,3 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, torch.Tensor], sou
     if extra:
         raise UserError(f"{source}: weights have key {extra[0]!r} that the model does not have")
     model.load_state_dict(state)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

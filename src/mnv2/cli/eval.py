@@ -1,4 +1,5 @@
-"""`mnv2 eval`: top-1, top-5 and loss of a run's weights (and its EMA weights) or of any weights file."""
+"""`mnv2 eval`: a run's weights (and its EMA weights) or any weights file on a dataset split: top-1 / top-5 / loss
+for a classifier, the COCO summary for a detector (cli/eval_detection.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from ..errors import UserError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="top-1 / top-5 / loss of trained or imported weights on an ImageFolder split",
+    p = sub.add_parser("eval", help="evaluate trained or imported weights: top-1 / top-5 / loss, or COCO AP",
                        description="Evaluate a run (its best weights, and its EMA weights when present) or a weights "
-                       "file on DIR/<split>/<class>/*. The preprocessing (resolution, crop fraction, mean/std, "
-                       "interpolation) is the one stored with the weights, so imported torchvision / timm / Keras "
-                       "weights are evaluated the way they were trained. Without --data, a run is evaluated on the "
-                       "data it was trained on.")
+                       "file. A classifier is evaluated on DIR/<split>/<class>/* (top-1, top-5, loss); a detector on "
+                       "the COCO-format split (the twelve COCOeval numbers, pycocotools). The preprocessing is the "
+                       "one stored with the weights, so imported torchvision / timm / Keras weights are evaluated the "
+                       "way they were trained. Without --data, a run is evaluated on the data it was trained on.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", metavar="RUN_DIR", help="a run directory written by `mnv2 train`")
     src.add_argument("--weights", metavar="FILE", help="a .safetensors weights file with its mnv2 config")
@@ -23,6 +24,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="data loading worker processes")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--save-detections", metavar="FILE.json", help="detector: write the best weights' detections as "
+                   "a COCO results file (original category ids, [x, y, w, h] pixels)")
     p.set_defaults(func=run)
 
 
@@ -32,6 +35,11 @@ def run(args) -> int:
     from ..weights import load_model, read_config
 
     files = _weights_files(args)
+    if read_config(next(iter(files.values()))).get("task", "classification") == "detection":
+        from .eval_detection import run_detection
+        return run_detection(args, files)
+    if args.save_detections:
+        raise UserError("--save-detections is for detectors; these weights are a classifier's")
     data = _data_root(args)
     results = {}
     for label, path in files.items():
@@ -68,7 +76,7 @@ def _weights_files(args) -> dict[str, Path]:
     return files
 
 
-def _data_root(args) -> Path:
+def _data_root(args, task: str = "classification") -> Path:
     if args.data:
         root = Path(args.data)
     elif args.run:
@@ -78,8 +86,9 @@ def _data_root(args) -> Path:
             root = Path(cfg.data.root)
         else:
             from ..data.synthetic import ensure_demo_dataset
+            from ..engine.tasks import DEMO_DATA
             from .train import DEFAULT_DATA
-            root = ensure_demo_dataset(DEFAULT_DATA, task="classify")
+            root = ensure_demo_dataset(DEFAULT_DATA, task=DEMO_DATA[task])
     else:
         raise UserError("--data DIR is needed with --weights")
     if not root.is_dir():

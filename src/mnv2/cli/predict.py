@@ -1,4 +1,5 @@
-"""`mnv2 predict`: classify images with a run, a weights file or an exported .onnx, on any inference backend."""
+"""`mnv2 predict`: classify images, or detect objects in them and draw the boxes, with a run, a weights file or an
+exported .onnx, on any inference backend."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from .export import add_source_args
 
 def register(sub) -> None:
     from ..deploy.runtime import BACKENDS
-    p = sub.add_parser("predict", help="classify images: top-k labels with class names",
+    p = sub.add_parser("predict", help="classify images (top-k labels) or detect objects (boxes, drawn)",
                        description="Classify images with a trained model (--run / --weights) or an exported .onnx "
-                       "file (--onnx), using the model's own eval preprocessing and class names. The default backend "
-                       "is the fastest one installed.")
+                       "file (--onnx), using the model's own eval preprocessing and class names; the default backend "
+                       "is the fastest one installed. With a detector: list the boxes (original-image pixels, class "
+                       "name, score) and with --out draw them on each image.")
     add_source_args(p, onnx=True)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")
@@ -23,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--resolution", type=int, default=None, help="with --run / --weights: input size override")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--out", metavar="DIR", help="detector: write each image with its boxes drawn to DIR/<name>.png")
+    p.add_argument("--score-threshold", type=float, default=0.3,
+                   help="detector: list and draw boxes scoring at least this (default 0.3)")
     p.set_defaults(func=run)
 
 
@@ -33,6 +38,10 @@ def run(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     options = {"backend": args.backend, "threads": args.threads, "batch_size": args.batch_size}
+    if not args.onnx and _is_detector(args):
+        return _detect(args, options)
+    if args.out:
+        raise UserError("--out draws a detector's boxes; this model is a classifier")
     if args.onnx:
         if args.resolution is not None:
             raise UserError("--resolution cannot change an exported .onnx file's input size; export it again")
@@ -49,4 +58,55 @@ def run(args) -> int:
         return 0
     for path, preds in zip(args.images, results):
         print(f"{path}: " + ", ".join(f"{p.name} ({p.label}) {p.prob:.3f}" for p in preds))
+    return 0
+
+
+def _is_detector(args) -> bool:
+    from pathlib import Path
+
+    from ..weights import read_config
+    path = Path(args.run) / "best.safetensors" if args.run else Path(args.weights)
+    if args.run and not path.is_file():
+        return False  # load_source names what is missing
+    return read_config(path).get("task") == "detection"
+
+
+def _detect(args, options: dict) -> int:
+    from pathlib import Path
+
+    from ..deploy.detect import DetectionPredictor, draw_detections
+    from ..deploy.preprocess import load_image
+    if args.resolution is not None:
+        raise UserError("--resolution: a detector runs at the input size it was trained at")
+    if not 0 <= args.score_threshold <= 1:
+        raise UserError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --out must be a folder")
+    options["backend"] = options["backend"] or "torch-fast"
+    source = {"run_dir": args.run} if args.run else {"path": args.weights}
+    make = DetectionPredictor.from_run if args.run else DetectionPredictor.from_weights
+    predictor = make(*source.values(), **options)
+    images = [load_image(p) for p in args.images]  # every file read before anything is written
+    results = predictor.predict_images(images, score_threshold=args.score_threshold)
+    drawn = {}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        names = set()
+        for path, image, dets in zip(args.images, images, results):
+            name = Path(path).stem
+            while name in names:  # two inputs with one name in different folders
+                name += "_"
+            names.add(name)
+            drawn[path] = str(draw_detections(image, dets, out / f"{name}.png"))
+    if args.json:
+        print(json.dumps([{"image": str(path), "backend": predictor.backend_name, "drawn": drawn.get(path),
+                           "detections": [{"box": [round(v, 2) for v in d.box], "score": round(d.score, 4),
+                                           "label": d.label, "name": d.name, "category_id": d.category_id}
+                                          for d in dets]} for path, dets in zip(args.images, results)], indent=2))
+        return 0
+    for path, dets in zip(args.images, results):
+        found = ", ".join(f"{d.name} {d.score:.2f} [{', '.join(f'{v:.0f}' for v in d.box)}]" for d in dets)
+        print(f"{path}: {len(dets)} object{'s' if len(dets) != 1 else ''}" + (f": {found}" if dets else "")
+              + (f" -> {drawn[path]}" if path in drawn else ""))
     return 0

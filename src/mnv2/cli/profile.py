@@ -1,4 +1,4 @@
-"""`mnv2 profile`: parameters and multiply-adds, per layer, and the paper's Figure 5 grid."""
+"""`mnv2 profile`: parameters and multiply-adds, per layer, the paper's Figure 5 grid and Tables 5-6 (SSDLite)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,20 @@ from ..paper import reference
 
 
 def register(sub) -> None:
-    p = sub.add_parser("profile", help="parameters and multiply-adds of a model, per layer, or the Figure 5 grid",
+    p = sub.add_parser("profile", help="parameters and multiply-adds of a model, per layer, or a paper table",
                        description="Count parameters and multiply-adds (convs + linear, depthwise per group) of a "
-                       "model at an input resolution. --grid prints the paper's Figure 5 grid beside the paper's "
-                       "reference values.")
+                       "model at an input resolution. --grid prints the paper's Figure 5 grid, --table5 the paper's "
+                       "SSDLite Tables 5-6, beside the paper's reference values.")
     p.add_argument("model", nargs="?", default="mobilenet_v2", help="registered model name (default: mobilenet_v2)")
     p.add_argument("--width", type=float, default=None, help="width multiplier alpha (default: the model's own, 1.0 "
                    "for MobileNets, 2.0 for ShuffleNet)")
     p.add_argument("--resolution", type=int, default=224, help="input height and width (default 224)")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--num-classes", type=int, default=None, help="classes (default: the model's own, 1000 for "
+                   "classifiers, 80 for detectors)")
     p.add_argument("--per-layer", action="store_true", help="one row per layer: name, output shape, params, MAdds")
     p.add_argument("--grid", action="store_true", help="the Figure 5 grid: widths x resolutions, with paper values")
+    p.add_argument("--table5", action="store_true", help="paper Tables 5-6: SSD vs SSDLite prediction layers and "
+                   "MobileNetV2 + SSDLite at 300 and 320, beside the paper's values (80 classes unless --num-classes)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--memory", action="store_true", help="paper section 5.1: eq. (2) working memory and the Table 3 "
                    "largest-tensor-per-resolution table (16-bit activations), beside the paper's values")
@@ -30,6 +33,8 @@ def register(sub) -> None:
 def run(args) -> int:
     if args.grid:
         return _grid(args)
+    if args.table5:
+        return _table5(args)
     if args.resolution < 32:
         from ..errors import UserError
         raise UserError(f"--resolution must be at least 32, got {args.resolution}")
@@ -37,8 +42,8 @@ def run(args) -> int:
         return _memory(args)
     model = _build(args)
     params, madds = count_params(model), count_madds(model, args.resolution)
-    result = {"model": args.model, "width": args.width, "resolution": args.resolution, "params": params,
-              "madds": madds}
+    result = {"model": args.model, "width": args.width, "resolution": args.resolution,
+              "num_classes": getattr(model, "num_classes", args.num_classes), "params": params, "madds": madds}
     layers = profile_layers(model, args.resolution) if args.per_layer else None
     if args.json:
         if layers is not None:
@@ -46,10 +51,10 @@ def run(args) -> int:
         print(json.dumps(result, indent=2))
         return 0
     if layers is not None:
-        print(f"{'layer':<24} {'kind':<16} {'output':>18} {'params':>10} {'MAdds':>12}")
+        print(f"{'layer':<28} {'kind':<16} {'output':>18} {'params':>10} {'MAdds':>12}")
         for r in layers:
             shape = "x".join(map(str, r.output_shape[1:]))
-            print(f"{r.name:<24} {r.kind:<16} {shape:>18} {r.params:>10,} {r.madds:>12,}")
+            print(f"{r.name:<28} {r.kind:<16} {shape:>18} {r.params:>10,} {r.madds:>12,}")
         print()
     print(f"{args.model} width {args.width:g} @ {args.resolution}x{args.resolution}: "
           f"{params:,} parameters, {madds / 1e6:.1f}M MAdds")
@@ -58,7 +63,7 @@ def run(args) -> int:
 
 def _build(args):
     """The model to profile; `args.width` is filled in with the model's own width when not given."""
-    kwargs = {"num_classes": args.num_classes}
+    kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     if args.width is not None:
         kwargs["width_mult"] = args.width
     model = create_model(args.model, **kwargs)
@@ -67,6 +72,7 @@ def _build(args):
 
 
 def _grid(args) -> int:
+    args.num_classes = 1000 if args.num_classes is None else args.num_classes
     cells = [(a, r) for a in reference.GRID_WIDTHS for r in reference.GRID_RESOLUTIONS]
     cells = list(reference.GRID_EXTRA) + cells
     rows, params_cache = [], {}
@@ -89,6 +95,59 @@ def _grid(args) -> int:
         print(f"{row['width']:>5g} {row['resolution']:>4} {row['params']:>11,} {row['paper_params_m']:>11.2f}M "
               f"{row['madds'] / 1e6:>8.1f}M {row['paper_madds_m']:>10}M {row['paper_top1']:>10.1f}%")
     return 0
+
+
+def _table5(args) -> int:
+    """Paper Table 5 (prediction layers of SSD and SSDLite) and the Table 6 row, ours at 300 and 320 beside the paper's.
+
+    "Prediction layers" here = the four extra feature layers + the class and box heads: everything but the backbone.
+    """
+    classes = 80 if args.num_classes is None else args.num_classes
+    width = 1.0 if args.width is None else args.width
+    rows = []
+    for heads in ("ssd", "ssdlite"):
+        model = create_model("ssdlite_mobilenet_v2", heads=heads, num_classes=classes, width_mult=width)
+        row = {"heads": heads, "num_classes": classes, "width": width, "paper_params_m": reference.TABLE5[heads][0],
+               "paper_madds_b": reference.TABLE5[heads][1]}
+        for size in (300, 320):
+            parts = _parts(model, size)
+            for name, keys in (("prediction", ("extras", "cls_heads", "box_heads")), ("heads", ("cls_heads",
+                               "box_heads")), ("total", tuple(parts))):
+                row[f"{name}_params"] = sum(parts[k][0] for k in keys)
+                row[f"{name}_madds_{size}"] = sum(parts[k][1] for k in keys)
+        rows.append(row)
+    _, table6_params, table6_madds, _ = reference.TABLE6["MNet V2 + SSDLite"]
+    table6 = {"paper_params_m": table6_params, "paper_madds_b": table6_madds}
+    if args.json:
+        print(json.dumps({"table5": rows, "table6_paper": table6}, indent=2))
+        return 0
+    print(f"ssdlite_mobilenet_v2 width {width:g}, {classes} classes + background, TF anchor layout. Prediction layers "
+          "= 4 extra layers + class/box heads. 'paper' columns are the paper's values (Tables 5-6, 80 classes), not "
+          "measured here.")
+    print(f"{'':<34} {'params':>8} {'paper':>7} {'MAdds@300':>10} {'MAdds@320':>10} {'paper':>7}")
+
+    def line(label, params, m300, m320, paper_p="", paper_m=""):
+        print(f"{label:<34} {params / 1e6:>7.2f}M {paper_p:>7} {m300 / 1e9:>9.3f}B {m320 / 1e9:>9.3f}B {paper_m:>7}")
+
+    for row in rows:
+        name = row["heads"].replace("ssdlite", "SSDLite").replace("ssd", "SSD")
+        line(f"Table 5 {name} prediction layers", row["prediction_params"], row["prediction_madds_300"],
+             row["prediction_madds_320"], f"{row['paper_params_m']}M", f"{row['paper_madds_b']}B")
+        line("  of which heads only", row["heads_params"], row["heads_madds_300"], row["heads_madds_320"])
+    lite = rows[1]
+    line("Table 6 MobileNetV2 + SSDLite", lite["total_params"], lite["total_madds_300"], lite["total_madds_320"],
+         f"{table6_params}M", f"{table6_madds}B")
+    return 0
+
+
+def _parts(model, size) -> dict[str, tuple[int, int]]:
+    """(params, MAdds) per top-level submodule (backbone, extras, cls_heads, box_heads), from one counted pass."""
+    parts: dict[str, tuple[int, int]] = {}
+    for r in profile_layers(model, size):
+        top = r.name.split(".")[0]
+        params, madds = parts.get(top, (0, 0))
+        parts[top] = (params + r.params, madds + r.madds)
+    return parts
 
 
 def _memory(args) -> int:

@@ -10,19 +10,24 @@ from pathlib import Path
 from ..errors import UserError
 
 DEFAULT_DATA = Path("data") / "shapes"  # the embedded dataset is written here when --data is not given
-DEFAULT_CONFIG = "demo.yaml"
+DEFAULT_CONFIGS = {"classification": "demo.yaml", "detection": "demo_detection.yaml"}  # recipe without --config
 
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "train", help="train a MobileNetV2 classifier (no arguments: the embedded demo, a few minutes on a CPU)",
-        description="Train a classifier on an ImageFolder (DIR/train/<class>/*, DIR/val/<class>/*) or, without "
-        "--data, on the embedded 'shapes' dataset (written to ./data/shapes if missing). Settings come from the "
-        "dataclass defaults, then --config YAML (default: the demo recipe), then the flags, then --set overrides. "
-        "Works unchanged under `torchrun --nproc_per_node N -m mnv2.cli.main train ...` (DDP).")
+        "train", help="train a MobileNetV2 classifier or SSDLite detector (no arguments: the embedded demo)",
+        description="Train a classifier on an ImageFolder (DIR/train/<class>/*, DIR/val/<class>/*) or, with --task "
+        "detection, an SSDLite detector on COCO-format data (DIR/{train,val}2017/ + DIR/annotations/"
+        "instances_{train,val}2017.json, or any files through --set data.train_images=... data.train_annotations=..."
+        "). Without --data: the embedded 'shapes' dataset (written to ./data/shapes if missing). Settings come from "
+        "the dataclass defaults, then --config YAML (default: the task's demo recipe), then the flags, then --set "
+        "overrides. Works unchanged under `torchrun --nproc_per_node N -m mnv2.cli.main train ...` (DDP).")
+    p.add_argument("--task", choices=("classification", "detection"),
+                   help="what to train (default: the recipe's task, classification)")
     p.add_argument("--config", metavar="YAML", help="recipe: a path, or a name in the package's configs/ "
                    "(e.g. imagenet_mnv2_1.0_224.yaml); default demo.yaml")
-    p.add_argument("--data", metavar="DIR", help="ImageFolder root with train/ and val/ (default: embedded shapes)")
+    p.add_argument("--data", metavar="DIR", help="dataset root: an ImageFolder with train/ and val/, or COCO "
+                   "(default: the embedded shapes data)")
     p.add_argument("--model", help="registered model name (model.name)")
     p.add_argument("--width", type=float, help="width multiplier alpha (model.width)")
     p.add_argument("--resolution", type=int, help="training / evaluation input size (data.resolution)")
@@ -75,20 +80,31 @@ def run(args) -> int:
         return 0
     if result.bad_images:
         print(result.bad_images)
-    best = result.best
-    final = result.metrics.get("model", {})
-    print(f"done in {result.seconds:.0f} s: val top-1 {final.get('top1', float('nan')):.3f} "
-          f"(chance {1 / max(1, len(trainer.task.class_names)):.3f})"
-          + (f", EMA {result.metrics['ema']['top1']:.3f}" if "ema" in result.metrics else "")
-          + (f"; best {best['value']:.3f} ({best.get('weights')}, epoch {best.get('epoch')}) saved to "
-             f"{run_dir / 'best.safetensors'}" if "epoch" in best else ""))
+    print(_summary(result, trainer.task, run_dir))
     print("next:")
     print(f"  mnv2 eval --run {run_dir}" + (f" --data {data_root}" if args.data else ""))
     print(f"  mnv2 predict --run {run_dir} IMAGE")
-    print(f"  mnv2 export --run {run_dir} --format onnx --out model.onnx")
-    print(f"  mnv2 bench --weights {run_dir / 'best.safetensors'} --resolution "
-          f"{cfg.data.eval_resolution or cfg.data.resolution}")
+    if cfg.task == "classification":
+        print(f"  mnv2 export --run {run_dir} --format onnx --out model.onnx")
+        print(f"  mnv2 bench --weights {run_dir / 'best.safetensors'} --resolution "
+              f"{cfg.data.eval_resolution or cfg.data.resolution}")
     return 0
+
+
+def _summary(result, task, run_dir: Path) -> str:
+    best, final = result.best, result.metrics.get("model", {})
+    key = task.best_metric
+    if key == "top1":
+        line = (f"val top-1 {final.get('top1', float('nan')):.3f} (chance {1 / max(1, len(task.class_names)):.3f})"
+                + (f", EMA {result.metrics['ema']['top1']:.3f}" if "ema" in result.metrics else ""))
+    else:
+        line = f"val {task.format_metrics(final)}" if final else "no evaluation"
+        if "ema" in result.metrics:
+            line += f", EMA {task.format_metrics(result.metrics['ema'])}"
+    if "epoch" in best:
+        line += (f"; best {key} {best['value']:.3f} ({best.get('weights')}, epoch {best.get('epoch')}) saved to "
+                 f"{run_dir / 'best.safetensors'}")
+    return f"done in {result.seconds:.0f} s: {line}"
 
 
 def resolve_config(args, load_config, config_of_run):
@@ -102,9 +118,12 @@ def resolve_config(args, load_config, config_of_run):
             flags.append(f"{key}={value}")
     if args.data:
         flags.append(f"data.root={Path(args.data)}")
+    if args.task:
+        flags.append(f"task={args.task}")
     if args.resume and not args.config:
         return load_config(None, flags + list(args.set), base=config_of_run(args.resume))
-    return load_config(recipe_path(args.config or DEFAULT_CONFIG), flags + list(args.set))
+    return load_config(recipe_path(args.config or DEFAULT_CONFIGS[args.task or "classification"]),
+                       flags + list(args.set))
 
 
 def recipe_path(name: str) -> Path:
@@ -127,6 +146,9 @@ def resolve_data(cfg, say) -> Path:
             raise UserError(f"{root}: no such data folder")
         return root
     from ..data.synthetic import ensure_demo_dataset
-    root = ensure_demo_dataset(DEFAULT_DATA, task="classify")
-    say(f"data: the embedded shapes dataset in {root} (use --data DIR for your own ImageFolder)")
+    from ..engine.tasks import DEMO_DATA
+    if cfg.task not in DEMO_DATA:
+        raise UserError(f"task: unknown task {cfg.task!r} (available: {', '.join(DEMO_DATA)})")
+    root = ensure_demo_dataset(DEFAULT_DATA, task=DEMO_DATA[cfg.task])
+    say(f"data: the embedded shapes dataset in {root} (use --data DIR for your own data)")
     return root

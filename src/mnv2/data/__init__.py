@@ -7,6 +7,8 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # for readers and type checkers; at run time, see __getattr__
+    from .coco import CocoDetection, find_coco_split
+    from .detection_transforms import detection_collate, detection_eval_preset, detection_train_preset
     from .imagefolder import BadImageReport, ImageFolderDataset
     from .images import BadImageError, load_image
     from .loader import build_classification_loader
@@ -14,6 +16,9 @@ if TYPE_CHECKING:  # for readers and type checkers; at run time, see __getattr__
     from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_preset, mixup_cutmix, train_preset
 
 _EXPORTS = {
+    "CocoDetection": "coco", "find_coco_split": "coco",
+    "detection_collate": "detection_transforms", "detection_eval_preset": "detection_transforms",
+    "detection_train_preset": "detection_transforms",
     "BadImageError": "images", "load_image": "images",
     "BadImageReport": "imagefolder", "ImageFolderDataset": "imagefolder",
     "build_classification_loader": "loader",
@@ -26,10 +31,15 @@ __all__ = [
     "IMAGENET_STD",
     "BadImageError",
     "BadImageReport",
+    "CocoDetection",
     "ImageFolderDataset",
     "build_classification_loader",
+    "detection_collate",
+    "detection_eval_preset",
+    "detection_train_preset",
     "ensure_demo_dataset",
     "eval_preset",
+    "find_coco_split",
     "load_image",
     "mixup_cutmix",
     "train_preset",

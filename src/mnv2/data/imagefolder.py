@@ -115,11 +115,7 @@ class ImageFolderDataset(Dataset):
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.targets = [t for _, t in self.samples]
         self.transform, self.on_bad_image, self.min_size = transform, on_bad_image, min_size
-        self._bad_log = None
-        if on_bad_image == "skip":
-            fd, self._bad_log = tempfile.mkstemp(prefix="mnv2-bad-images-", suffix=".tsv")
-            os.close(fd)
-            weakref.finalize(self, _remove_if_owner, self._bad_log, os.getpid())
+        self._bad_log = BadImageLog() if on_bad_image == "skip" else None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -133,23 +129,34 @@ class ImageFolderDataset(Dataset):
             except BadImageError as e:
                 if self.on_bad_image == "error":
                     raise
-                self._record(e)
+                self._bad_log.record(e)
                 continue
             return (self.transform(image) if self.transform is not None else image), label
         raise UserError(f"{self.root}: none of the {len(self.samples)} images can be read")
 
-    def _record(self, error: BadImageError) -> None:
-        reason = " ".join(error.reason.split())  # one line per record
-        with open(self._bad_log, "a", encoding="utf-8") as f:
-            f.write(f"{error.path}\t{reason}\n")
-
     def bad_images(self, max_examples: int = 5) -> BadImageReport:
         """The distinct images skipped so far, by any process loading this dataset."""
-        if self._bad_log is None:
-            return BadImageReport()
+        return self._bad_log.report(max_examples) if self._bad_log is not None else BadImageReport()
+
+
+class BadImageLog:
+    """The skip records shared by a dataset's loading processes (see the module docstring). Each dataset that skips
+    bad images (`ImageFolderDataset`, `coco.CocoDetection`) creates one in the main process."""
+
+    def __init__(self):
+        fd, self.path = tempfile.mkstemp(prefix="mnv2-bad-images-", suffix=".tsv")
+        os.close(fd)
+        weakref.finalize(self, _remove_if_owner, self.path, os.getpid())
+
+    def record(self, error: BadImageError) -> None:
+        reason = " ".join(error.reason.split())  # one line per record
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(f"{error.path}\t{reason}\n")
+
+    def report(self, max_examples: int = 5) -> BadImageReport:
         seen: dict[str, str] = {}
         try:
-            with open(self._bad_log, encoding="utf-8") as f:
+            with open(self.path, encoding="utf-8") as f:
                 for line in f:
                     path, _, reason = line.rstrip("\n").partition("\t")
                     seen.setdefault(path, reason)

@@ -25,6 +25,7 @@ class ModelConfig:
     kwargs: dict = field(default_factory=dict)  # further create_model() arguments (padding, bn_eps, ablations)
     freeze_bn: bool = False  # BN in inference mode while training (fine-tuning; makes every sample independent)
     sync_bn: bool = False  # SyncBatchNorm under DDP (GPU only in PyTorch)
+    backbone_weights: str | None = None  # detector / segmenter: start the backbone from a classifier weights file
 
 
 @dataclass
@@ -47,6 +48,26 @@ class DataConfig:
     interpolation: str = "bilinear"
     num_workers: int = 2
     on_bad_image: str = "error"  # "error" stops naming the file; "skip" goes on and reports at the end
+    # Detection: COCO-format files anywhere (default: root's COCO 2017 layout, or the embedded shapes layout).
+    train_images: str | None = None
+    train_annotations: str | None = None
+    val_images: str | None = None
+    val_annotations: str | None = None
+    # Detection: SSD augmentation (random IoU crop, zoom-out up to this factor, photometric distortion) + hflip.
+    iou_crop: bool = True
+    zoom_out: float = 4.0  # 1.0 = off
+    photometric: bool = True
+
+
+@dataclass
+class DetectionConfig:
+    loss: str = "sigmoid"  # sigmoid (TF SSDLite) | softmax (torchvision)
+    neg_pos_ratio: float = 3.0  # hard negative mining: negatives kept per positive
+    min_negatives: int = 3  # per image, also when it has no positives (TF's min_negatives_per_image)
+    match_iou: float = 0.5  # anchor <-> ground truth IoU for a positive
+    score_threshold: float = 1e-8  # evaluation keeps (almost) every score: COCOeval takes the top 100 (PAPER.md 8)
+    nms_iou: float = 0.6
+    max_detections: int = 100
 
 
 @dataclass
@@ -98,6 +119,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))

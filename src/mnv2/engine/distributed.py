@@ -46,6 +46,25 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: Dist) -> torch.Tensor:
     return tensor
 
 
+def gather_objects(obj, ctx: Dist) -> list | None:
+    """Every rank's `obj` (picklable), in rank order, on rank 0; None elsewhere. For results that do not sum, such as
+    a detector's per-image detections."""
+    if not ctx.enabled:
+        return [obj]
+    out = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_object(obj, ctx: Dist):
+    """Rank 0's `obj` on every rank."""
+    if not ctx.enabled:
+        return obj
+    box = [obj if ctx.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(ctx: Dist) -> None:
     if ctx.enabled:
         dist.barrier()

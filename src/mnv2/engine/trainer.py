@@ -1,6 +1,6 @@
 """One training loop for every task, in one process or under torchrun (DDP).
 
-The task adapter (engine/tasks.py) supplies data, model, loss and metrics; this file owns everything else: the
+The task adapter (engine/tasks/) supplies data, batching, model, loss and metrics; this file owns everything else: the
 optimizer and schedule, EMA, mixed precision, DDP, progress, metrics.jsonl / TensorBoard, and the run directory with
 its atomically written, resumable checkpoint (DESIGN.md "Contracts").
 """
@@ -22,12 +22,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..errors import UserError
-from . import checkpoint as ckpt
 from . import bf16, distributed, fastpath
+from . import checkpoint as ckpt
 from .config import Config, config_from_dict, dump_yaml
 from .data_order import ResumableSampler, SeededSamples, ShardSampler
 from .optim import build_ema, build_optimizer, build_schedule
-from .tasks import build_task
+from .tasks import build_task, evaluate
 
 
 @dataclass
@@ -97,13 +97,11 @@ class Trainer:
     def _loader(self, dataset, sampler, batch_size: int, drop_last: bool) -> DataLoader:
         workers = self.cfg.data.num_workers
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                          pin_memory=self.device.type == "cuda",
+                          collate_fn=self.task.collate, pin_memory=self.device.type == "cuda",
                           persistent_workers=workers > 0, generator=torch.Generator().manual_seed(self.cfg.train.seed))
 
     def _to_device(self, batch):
-        images, labels = batch
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        return images, labels.to(self.device, non_blocking=True)
+        return self.task.to_device(batch, self.device, self.memory_format)
 
     # ---- checkpoint ---------------------------------------------------------------------------------------------
     def _model_config(self) -> dict:
@@ -201,7 +199,7 @@ class Trainer:
             loss = self._train_step(self._to_device(batch))
             self.batch_in_epoch += 1
             self.step += 1
-            seen += batch[0].shape[0] * self.ctx.world_size
+            seen += self.task.batch_size(batch) * self.ctx.world_size
             rate = seen / max(1e-9, time.perf_counter() - tick)
             lr = self.optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
@@ -250,18 +248,9 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        model.eval()
-        stats = None
-        for batch in self.val_loader:
-            images, labels = self._to_device(batch)
-            with fastpath.autocast(self.device, self.amp_dtype):
-                s = self.task.eval_stats(model, (images, labels)).cpu()
-            stats = s if stats is None else stats + s
-        if stats is None:
-            stats = torch.zeros(4, dtype=torch.float64)
-        return self.task.summarize(distributed.all_reduce_sum(stats, self.ctx))
+        return evaluate(self.task, model, self.val_loader, self.device, self.ctx, self.memory_format,
+                        self.amp_dtype)[0]
 
     def evaluate_and_save(self) -> dict:
         results = {"model": self.evaluate(self.model)}
@@ -275,8 +264,7 @@ class Trainer:
         for which, m in results.items():
             for k, v in m.items():
                 self.writer.add_scalar(f"val_{which}/{k}", v, self.step)
-        line = ", ".join(f"{which} top1 {m['top1']:.3f} top5 {m['top5']:.3f} loss {m['loss']:.3f}"
-                         for which, m in results.items())
+        line = ", ".join(f"{which} {self.task.format_metrics(m)}" for which, m in results.items())
         self.log(f"epoch {self.epoch}/{self.cfg.train.epochs} (step {self.step}): val {line}")
         if self.ema is not None:
             self.task.save_weights(self.run_dir / "ema.safetensors", self.ema.module, weights="ema",

@@ -5,6 +5,7 @@ from .features import FeatureTap
 from .mobilenetv1 import MobileNetV1
 from .mobilenetv2 import TABLE_2, MobileNetV2
 from .registry import create_model, list_models, register_model
+from .ssdlite import SSDLite
 
 __all__ = [
            "TABLE_2",
@@ -13,6 +14,7 @@ __all__ = [
            "InvertedResidual",
            "MobileNetV1",
            "MobileNetV2",
+           "SSDLite",
            "create_model",
            "list_models",
            "make_divisible",

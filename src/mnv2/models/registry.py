@@ -10,6 +10,7 @@ from ..errors import UserError
 from .mobilenetv1 import MobileNetV1
 from .mobilenetv2 import MobileNetV2
 from .shufflenet import shufflenet_v1
+from .ssdlite import SSDLite
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -43,3 +44,4 @@ def create_model(name: str, **kwargs) -> nn.Module:
 register_model("mobilenet_v2", MobileNetV2)
 register_model("mobilenet_v1", MobileNetV1)
 register_model("shufflenet_v1", shufflenet_v1)  # ShuffleNet 2x, g=3 by default (paper Tables 3, 4)
+register_model("ssdlite_mobilenet_v2", SSDLite)  # paper section 6.2, Tables 5-6

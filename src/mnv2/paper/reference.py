@@ -43,3 +43,16 @@ TABLE4 = {
 # The configuration each Table 3 column describes (the paper's ShuffleNet column is "ShuffleNet (2x, g=3)").
 TABLE3_CONFIG = {"mobilenet_v1": {"width_mult": 1.0}, "mobilenet_v2": {"width_mult": 1.0},
                  "shufflenet_v1": {"width_mult": 2.0, "groups": 3}}
+
+# Paper Table 5 (section 6.2): the prediction layers of SSD and SSDLite on MobileNetV2, 80 classes:
+# heads -> (params in millions, multiply-adds in billions). The paper states neither the input size nor whether the
+# extra feature layers are included; docs/detection.md compares the variants.
+TABLE5 = {"ssd": (14.8, 1.25), "ssdlite": (2.1, 0.35)}
+# Paper Table 6 (COCO test-dev): network -> (mAP, params in millions, MAdds in billions, Pixel 1 CPU ms or None).
+TABLE6 = {
+    "SSD300": (23.2, 36.1, 35.2, None),
+    "SSD512": (26.8, 36.1, 99.5, None),
+    "YOLOv2": (21.6, 50.7, 17.5, None),
+    "MNet V1 + SSDLite": (22.2, 5.1, 1.3, 270),
+    "MNet V2 + SSDLite": (22.1, 4.3, 0.8, 200),
+}

@@ -1,37 +1,23 @@
-"""Task adapters: what the one training loop needs to know about a task, and nothing more.
-
-A task builds its datasets and model, turns a batch into a loss, turns a batch into summable evaluation statistics
-(so they can be all-reduced over ranks), turns the summed statistics into metrics, and writes deployable weights.
-Detection and segmentation adapters implement the same five methods.
-"""
+"""Image classification on an ImageFolder (or the embedded shapes data): cross-entropy, top-1 / top-5."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 
-from ..errors import UserError
-from ..eval.classification import classification_stats, summarize_classification
-from .config import Config
-
-
-class Task(Protocol):
-    best_metric: str  # the metric (higher is better) that picks best.safetensors
-
-    def datasets(self) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]: ...
-    def build_model(self) -> nn.Module: ...
-    def loss(self, model: nn.Module, batch) -> torch.Tensor: ...
-    def eval_stats(self, model: nn.Module, batch) -> torch.Tensor: ...
-    def summarize(self, stats: torch.Tensor) -> dict[str, float]: ...
-    def save_weights(self, path: Path, model: nn.Module, **meta) -> None: ...
+from ...errors import UserError
+from ...eval.classification import STATS, classification_stats, summarize_classification
+from .. import distributed
+from ..config import Config
 
 
 class ClassificationTask:
     """Image classification on an ImageFolder (or the embedded shapes data): cross-entropy, top-1 / top-5."""
 
+    name = "classification"
     best_metric = "top1"
 
     def __init__(self, cfg: Config, data_root: Path):
@@ -40,8 +26,8 @@ class ClassificationTask:
         self.mix = None
 
     def datasets(self):
-        from ..data import transforms
-        from ..data.imagefolder import ImageFolderDataset
+        from ...data import transforms
+        from ...data.imagefolder import ImageFolderDataset
 
         d = self.cfg.data
         try:
@@ -63,7 +49,7 @@ class ClassificationTask:
         return train, val
 
     def eval_transform(self):
-        from ..data import transforms
+        from ...data import transforms
 
         d = self.cfg.data
         return transforms.eval_preset(d.eval_resolution or d.resolution, crop_fraction=d.crop_fraction, mean=d.mean,
@@ -75,7 +61,7 @@ class ClassificationTask:
                         **m.kwargs}
 
     def build_model(self) -> nn.Module:
-        from ..models import create_model
+        from ...models import create_model
 
         name, kwargs = self.model_spec()
         return create_model(name, **kwargs)
@@ -87,12 +73,22 @@ class ClassificationTask:
         logits = model(images)
         return nn.functional.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.train.label_smoothing)
 
-    def eval_stats(self, model: nn.Module, batch) -> torch.Tensor:
-        images, labels = batch
-        return classification_stats(model(images).float(), labels)
+    def collate(self, samples: list):
+        return default_collate(samples)
 
-    def summarize(self, stats: torch.Tensor) -> dict[str, float]:
-        return summarize_classification(stats)
+    def to_device(self, batch, device: torch.device, memory_format: torch.memory_format):
+        images, labels = batch
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        return images, labels.to(device, non_blocking=True)
+
+    def batch_size(self, batch) -> int:
+        return batch[0].shape[0]
+
+    def evaluator(self, val_dataset) -> ClassificationEvaluator:
+        return ClassificationEvaluator()
+
+    def format_metrics(self, metrics: dict[str, float]) -> str:
+        return f"top1 {metrics['top1']:.3f} top5 {metrics['top5']:.3f} loss {metrics['loss']:.3f}"
 
     def preprocess(self) -> dict:
         d = self.cfg.data
@@ -100,13 +96,21 @@ class ClassificationTask:
                 "crop_fraction": d.crop_fraction, "interpolation": d.interpolation}
 
     def save_weights(self, path: Path, model: nn.Module, **meta) -> None:
-        from ..weights import save_model
+        from ...weights import save_model
 
         name, kwargs = self.model_spec()
         save_model(path, model, name, kwargs, preprocess=self.preprocess(), class_names=self.class_names, **meta)
 
 
-def build_task(cfg: Config, data_root: Path) -> Task:
-    if cfg.task == "classification":
-        return ClassificationTask(cfg, data_root)
-    raise UserError(f"task: unknown task {cfg.task!r} (available: classification)")
+class ClassificationEvaluator:
+    """Sums [loss, top-1 hits, top-5 hits, images] over batches; one all-reduce combines the ranks."""
+
+    def __init__(self):
+        self.stats = torch.zeros(len(STATS), dtype=torch.float64)
+
+    def update(self, model: nn.Module, batch) -> None:
+        images, labels = batch
+        self.stats += classification_stats(model(images).float(), labels).cpu()
+
+    def compute(self, ctx: distributed.Dist) -> dict[str, float]:
+        return summarize_classification(distributed.all_reduce_sum(self.stats.clone(), ctx))

@@ -1,0 +1,83 @@
+"""Detection transforms (SSD augmentation and the evaluation resize) and the batch collate, torchvision.transforms.v2.
+
+They take `(tv_tensors.Image uint8, target)` where target holds `tv_tensors.BoundingBoxes` (XYXY pixels, canvas_size
+set), "labels" and "iscrowd", as `coco.CocoDetection` passes them. Every random draw comes from torch's global
+generator, which the trainer seeds per sample (`engine.data_order.SeededSamples`): the same seed gives the same sample.
+
+SSD's augmentation (Liu et al. 2016, section 2.2; the TF Object Detection API's `ssd_random_crop` + flip in the
+paper's config; torchvision's SSD recipe adds the photometric distortion and zoom-out): colour distortion, zoom out
+(the image placed on a canvas up to `zoom_out` times larger, filled with the mean colour, so small objects are
+seen), a random crop that keeps at least one box at a sampled IoU, a flip, then the whole image resized to a square
+(aspect not kept, as TF's `fixed_shape_resizer`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_flatten
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+def _labels_and_crowd(sample):
+    # SanitizeBoundingBoxes filters these together with the boxes, so the flags stay aligned with their boxes.
+    _, target = sample
+    return target["labels"], target["iscrowd"]
+
+
+class IfBoxes(torch.nn.Module):
+    """Apply `transform` only to samples that hold at least one box.
+
+    v2.RandomIoUCrop on an image without boxes never finds a crop with a box centre inside: it redraws its IoU option
+    until "no crop" comes up (here up to ~30 ms, and a variable number of draws from the generator). Skipping it gives
+    the same result, at once. Such images stay in training as pure background (contract: G == 0 -> all negatives).
+    """
+
+    def __init__(self, transform):
+        super().__init__()
+        self.transform = transform
+
+    def forward(self, *inputs):
+        flat, _ = tree_flatten(inputs)
+        if any(isinstance(x, tv_tensors.BoundingBoxes) and x.shape[0] > 0 for x in flat):
+            return self.transform(*inputs)
+        return inputs if len(inputs) > 1 else inputs[0]
+
+
+def _normalize(mean, std) -> list:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+def detection_train_preset(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, hflip: float = 0.5,
+                           zoom_out: float = 4.0, iou_crop: bool = True, photometric: bool = True) -> v2.Compose:
+    """SSD augmentation to a `size` x `size` normalised float image (see the module docstring).
+
+    `zoom_out`: largest canvas side as a multiple of the image's (torchvision's and SSD's 4; <= 1 turns it off).
+    Boxes left smaller than 1 pixel or outside the crop are removed with their labels and iscrowd flags.
+    """
+    steps = []
+    if photometric:
+        steps.append(v2.RandomPhotometricDistort())
+    if zoom_out > 1:
+        fill = tuple(round(255 * m) for m in mean)  # the mean colour in 0..255 pixels: zero after Normalize
+        steps.append(v2.RandomZoomOut(fill={tv_tensors.Image: fill, "others": 0}, side_range=(1.0, zoom_out)))
+    if iou_crop:
+        steps.append(IfBoxes(v2.RandomIoUCrop()))
+    if hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip))
+    steps += [v2.Resize((size, size), antialias=True), v2.SanitizeBoundingBoxes(labels_getter=_labels_and_crowd),
+              *_normalize(mean, std)]
+    return v2.Compose(steps)
+
+
+def detection_eval_preset(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
+    """The whole image resized to `size` x `size` (as in training), normalised. Deterministic."""
+    return v2.Compose([v2.Resize((size, size), antialias=True), *_normalize(mean, std)])
+
+
+def detection_collate(batch):
+    """(images [N, 3, S, S], list of N target dicts): targets hold different numbers of boxes, so they stay a list."""
+    images, targets = zip(*batch)
+    return torch.stack(images), list(targets)
