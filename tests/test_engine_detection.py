@@ -107,3 +107,50 @@ def _iou(box, xywh):
     iy = max(0.0, min(box[3], y + h) - max(box[1], y))
     inter = ix * iy
     return inter / ((box[2] - box[0]) * (box[3] - box[1]) + w * h - inter)
+
+
+@pytest.mark.parametrize("damage,named", [
+    (lambda d: d["annotations"][0].update(bbox=[1, 2, -3, 4]), "annotation {id}"),
+    (lambda d: d["annotations"][0].update(image_id=999999), "annotation {id}"),
+    (lambda d: d["annotations"][0].update(category_id=4), "annotation {id}"),
+    (lambda d: d.pop("categories"), "'categories'"),
+], ids=["negative-box", "missing-image", "unknown-category", "no-categories"])
+def test_bad_annotations_are_one_line_before_any_work(tmp_path, damage, named):
+    root = write_dataset(tmp_path / "data", "detect", images=10, size=32)
+    path = root / "annotations" / "instances_train.json"
+    data = json.loads(path.read_text())
+    ann_id = data["annotations"][0]["id"]
+    damage(data)
+    path.write_text(json.dumps(data))
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "mnv2.cli.main", "train", "--task", "detection", "--data", str(root),
+                           "--out", str(run), "--no-progress"], capture_output=True, text=True, env=ENV, timeout=300,
+                          check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and named.format(id=ann_id) in lines[0], proc.stderr
+    assert not run.exists()  # nothing written
+
+
+def test_malformed_json_is_one_line(tmp_path):
+    root = write_dataset(tmp_path / "data", "detect", images=10, size=32)
+    path = root / "annotations" / "instances_val.json"
+    path.write_text(path.read_text()[:-20])
+    proc = subprocess.run([sys.executable, "-m", "mnv2.cli.main", "train", "--task", "detection", "--data", str(root),
+                           "--out", str(tmp_path / "run"), "--no-progress"], capture_output=True, text=True, env=ENV,
+                          timeout=300, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert str(path) in proc.stderr and "not a readable JSON file" in proc.stderr
+
+
+def test_demo_recipe_runs_as_shipped(tmp_path):
+    """`mnv2 train --task detection` as a user types it (embedded data written on first use, the shipped demo recipe),
+    cut to two steps: the recipe, the data it writes and the whole loop fit together."""
+    proc = subprocess.run([sys.executable, "-m", "mnv2.cli.main", "train", "--task", "detection", "--out", "run",
+                           "--no-progress", "--set", "train.max_steps=2"], capture_output=True, text=True, env=ENV,
+                          timeout=600, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ssdlite_mobilenet_v2 width 0.5 @ 128 on 320 images of 8 classes" in proc.stdout
+    _, meta = load_model(tmp_path / "run" / "best.safetensors")
+    assert meta["task"] == "detection" and meta["metrics"]["images"] == 80  # every val image scored
+    assert (tmp_path / "data" / "shapes" / "detect" / "annotations" / "instances_val.json").is_file()
