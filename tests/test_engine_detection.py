@@ -154,3 +154,14 @@ def test_demo_recipe_runs_as_shipped(tmp_path):
     _, meta = load_model(tmp_path / "run" / "best.safetensors")
     assert meta["task"] == "detection" and meta["metrics"]["images"] == 80  # every val image scored
     assert (tmp_path / "data" / "shapes" / "detect" / "annotations" / "instances_val.json").is_file()
+
+
+def test_a_classifier_is_not_silently_trained_as_a_detector(tmp_path):
+    from mnv2.engine.tasks.detection import DetectionTask
+    from mnv2.errors import UserError
+
+    root = write_dataset(tmp_path / "data", "detect", images=10, size=32)
+    task = DetectionTask(load_config(None, ["task=detection", "model.name=mobilenet_v2"]), root)
+    task.datasets()
+    with pytest.raises(UserError, match="'mobilenet_v2' is not a detector"):
+        task.build_model()

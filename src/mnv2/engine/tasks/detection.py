@@ -16,7 +16,7 @@ from ...errors import UserError
 from .. import distributed
 from ..config import Config
 
-DEFAULT_MODEL = "ssdlite_mobilenet_v2"
+DETECTORS = ("ssdlite_mobilenet_v2",)
 
 
 class DetectionTask:
@@ -82,14 +82,16 @@ class DetectionTask:
     # ---- model --------------------------------------------------------------------------------------------------
     def model_spec(self) -> tuple[str, dict]:
         m = self.cfg.model
-        name = m.name if m.name != "mobilenet_v2" else DEFAULT_MODEL  # the classifier default means "the detector"
-        return name, {"width_mult": m.width, "num_classes": len(self.class_names),
+        return m.name, {"width_mult": m.width, "num_classes": len(self.class_names),
                       "image_size": self.cfg.data.resolution, **m.kwargs}
 
     def build_model(self) -> nn.Module:
         from ...models import create_model
 
         name, kwargs = self.model_spec()
+        if name not in DETECTORS:
+            raise UserError(f"model.name: {name!r} is not a detector (detectors: {', '.join(DETECTORS)}; the "
+                            f"detection recipes set it)")
         model = create_model(name, **kwargs)
         if self.cfg.model.backbone_weights:
             load_backbone_weights(model, self.cfg.model.backbone_weights)
