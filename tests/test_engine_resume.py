@@ -32,8 +32,14 @@ def train(*args):
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     data = colour_folder(tmp_path / "data")
+    kill_resume_and_compare(tmp_path, RECIPE, data, STEPS)
+
+
+def kill_resume_and_compare(tmp_path, recipe_text: str, data, steps: int) -> None:
+    """Run the recipe twice; SIGKILL one run mid-epoch after its first checkpoint, resume it, and require the same
+    weights, EMA and RNG state as the run that was never interrupted."""
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE)
+    recipe.write_text(recipe_text)
     common = ["--config", str(recipe), "--data", str(data), *ARGS]
     straight = train("--out", str(tmp_path / "a"), *common)
     killed = train("--out", str(tmp_path / "b"), *common)
@@ -45,7 +51,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     killed.wait()
     assert killed.returncode == -signal.SIGKILL
     partial = load_checkpoint(ckpt)
-    assert 0 < partial["step"] < STEPS and partial["batch_in_epoch"] > 0  # killed in the middle of an epoch
+    assert 0 < partial["step"] < steps and partial["batch_in_epoch"] > 0  # killed in the middle of an epoch
 
     resumed = train("--resume", str(tmp_path / "b"), "--no-progress")
     out, err = resumed.communicate(timeout=300)
@@ -55,7 +61,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     assert straight.returncode == 0, err
 
     a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(ckpt)
-    assert a["step"] == b["step"] == STEPS
+    assert a["step"] == b["step"] == steps
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     for key, value in a["ema"].items():
@@ -79,28 +85,4 @@ def test_detection_run_killed_and_resumed_equals_uninterrupted(tmp_path):
     from mnv2.data.synthetic import write_dataset
 
     data = write_dataset(tmp_path / "data", "detect", images=15, size=64)  # 12 train images: 3 steps per epoch
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(DETECTION_RECIPE)
-    common = ["--config", str(recipe), "--data", str(data), *ARGS]
-    straight = train("--out", str(tmp_path / "a"), *common)
-    killed = train("--out", str(tmp_path / "b"), *common)
-    ckpt = tmp_path / "b" / "last.pt"
-    deadline = time.time() + 300
-    while not ckpt.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
-    partial = load_checkpoint(ckpt)
-    assert 0 < partial["step"] < 9
-    resumed = train("--resume", str(tmp_path / "b"), "--no-progress")
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    assert f"resumed {ckpt}" in out
-    _, err = straight.communicate(timeout=300)
-    assert straight.returncode == 0, err
-    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(ckpt)
-    assert a["step"] == b["step"] == 9
-    for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
-    for key, value in a["ema"].items():
-        assert torch.equal(value, b["ema"][key]), key
+    kill_resume_and_compare(tmp_path, DETECTION_RECIPE, data, 9)

@@ -94,13 +94,9 @@ def run(args) -> int:
 def _summary(result, task, run_dir: Path) -> str:
     best, final = result.best, result.metrics.get("model", {})
     key = task.best_metric
-    if key == "top1":
-        line = (f"val top-1 {final.get('top1', float('nan')):.3f} (chance {1 / max(1, len(task.class_names)):.3f})"
-                + (f", EMA {result.metrics['ema']['top1']:.3f}" if "ema" in result.metrics else ""))
-    else:
-        line = f"val {task.format_metrics(final)}" if final else "no evaluation"
-        if "ema" in result.metrics:
-            line += f", EMA {task.format_metrics(result.metrics['ema'])}"
+    line = f"val {task.format_metrics(final)}" if final else "no evaluation"
+    if "ema" in result.metrics:
+        line += f", EMA {task.format_metrics(result.metrics['ema'])}"
     if "epoch" in best:
         line += (f"; best {key} {best['value']:.3f} ({best.get('weights')}, epoch {best.get('epoch')}) saved to "
                  f"{run_dir / 'best.safetensors'}")
