@@ -132,3 +132,41 @@ def test_eval_preset_is_deterministic_and_collates(shapes):
     assert torch.allclose(first[1]["boxes"], raw[0][1]["boxes"], atol=1e-6)  # normalised boxes unchanged
     images, targets = detection_collate([ds[0], ds[1]])
     assert images.shape == (2, 3, 40, 40) and [t["image_id"] for t in targets] == ds.image_ids[:2]
+
+
+def _crop_statistics(transform, draws=2000):
+    """Crops of a 200 x 120 image with three boxes: (fraction left uncropped, mean crop area fraction, mean width /
+    height), and every crop checked against SSD's rules."""
+    boxes = [[20, 10, 60, 50], [110, 40, 190, 110], [70, 70, 90, 85]]
+    image, target = sample(120, 200, boxes)
+    xyxy = target["boxes"].as_subclass(torch.Tensor)
+    centres = (xyxy[:, :2] + xyxy[:, 2:]) / 2
+    whole, areas, aspects = 0, [], []
+    torch.manual_seed(0)
+    for _ in range(draws):
+        params = transform.make_params([image, target["boxes"]])
+        if not params:
+            whole += 1
+            continue
+        top, left, h, w = params["top"], params["left"], params["height"], params["width"]
+        assert 0 <= left and left + w <= 200 and 0 <= top and top + h <= 120
+        assert 0.3 * 200 - 1 <= w <= 200 and 0.3 * 120 - 1 <= h <= 120 and 0.5 <= w / h <= 2
+        inside = ((centres[:, 0] > left) & (centres[:, 0] < left + w) & (centres[:, 1] > top)
+                  & (centres[:, 1] < top + h))
+        assert inside.tolist() == params["is_within_crop_area"].tolist() and inside.any()
+        areas.append(w * h / (200 * 120))
+        aspects.append(w / h)
+    return whole / draws, sum(areas) / len(areas), sum(aspects) / len(aspects)
+
+
+def test_iou_crop_draws_the_crops_torchvision_draws():
+    """Our vectorised RandomIoUCrop samples from the same distribution as torchvision's sequential one (the trials are
+    independent and the first valid one wins in both); it draws different random numbers, so compare statistics."""
+    from torchvision.transforms import v2
+
+    from mnv2.data.detection_transforms import RandomIoUCrop
+
+    ours, reference = _crop_statistics(RandomIoUCrop()), _crop_statistics(v2.RandomIoUCrop())
+    assert ours[0] == pytest.approx(reference[0], abs=0.05)  # the "no crop" option: 1/7 of the draws, and retries
+    assert ours[1] == pytest.approx(reference[1], rel=0.04)
+    assert ours[2] == pytest.approx(reference[2], rel=0.04)

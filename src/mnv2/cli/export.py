@@ -26,12 +26,16 @@ def add_source_args(p, onnx: bool = False) -> None:
 def register(sub) -> None:
     from ..deploy.export import DEFAULT_OPSET
     from ..deploy.quantize import CALIBRATION_METHODS, DEFAULT_METHOD
-    p = sub.add_parser("export", help="export a classifier to ONNX (BN folded, verified), optionally int8",
+    p = sub.add_parser("export", help="export a classifier or detector to ONNX (BN folded, verified), optionally "
+                       "int8",
                        description="Export a classifier to one .onnx file with BN folded into the convolutions. The "
                        "graph is run with onnxruntime and compared with PyTorch (max |difference| <= 1e-4) before the "
                        "file is written; preprocessing and class names are stored in its metadata. --int8 writes a "
                        "statically quantised model (QDQ, per-channel weights) calibrated on images from --calib and "
-                       "reports its top-1 agreement with the fp32 model on held-out images from the same folder.")
+                       "reports its top-1 agreement with the fp32 model on held-out images from the same folder. A "
+                       "detector's graph also decodes the boxes and runs per-class NMS (outputs boxes, scores, labels, "
+                       "count; --raw: the two heads only); its --int8 quantises the network, keeps NMS fp32 and, with "
+                       "--val-data, reports COCO AP of fp32 and int8.")
     add_source_args(p)
     p.add_argument("--format", choices=["onnx"], default="onnx", help="output format (onnx)")
     p.add_argument("--resolution", type=int, default=None,
@@ -46,6 +50,10 @@ def register(sub) -> None:
                    "(default 200)")
     p.add_argument("--calib-method", choices=CALIBRATION_METHODS, default=DEFAULT_METHOD,
                    help=f"with --int8: activation range calibration (default {DEFAULT_METHOD})")
+    p.add_argument("--raw", action="store_true", help="detector: export the network's two heads only (class "
+                   "logits, box deltas), without decoding and NMS in the graph")
+    p.add_argument("--val-data", metavar="DIR", help="detector with --int8: a COCO-layout folder whose val split "
+                   "measures COCO AP of the fp32 and int8 graphs")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for checking and calibration")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
@@ -72,6 +80,11 @@ def run(args) -> int:
         from ..deploy.preprocess import list_images
         calib = list_images(args.calib)
     model, config = load_source(args.run, args.weights, args.model, args.width, args.num_classes)
+    if config.get("task") == "detection":
+        from .export_detection import run_detector
+        return run_detector(args, model, config, out, calib)
+    if args.raw or args.val_data:
+        raise UserError(f"{'--raw' if args.raw else '--val-data'} is for detectors; this model is a classifier")
     if not args.int8:
         report = export_onnx(model, config, out, args.resolution, args.dynamic_batch, args.opset)
         result = {"out": str(out), "resolution": report.resolution, "opset": report.opset,

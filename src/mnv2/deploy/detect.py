@@ -1,8 +1,11 @@
 """`DetectionPredictor`: images in, boxes in original-image pixels with class names and scores out, and drawn.
 
-The same preprocessing as evaluation (the whole image resized to the detector's square input, normalised; the
-settings travel with the weights) and the same post-processing function as evaluation (mnv2.detection.postprocess:
-decode, per-class NMS, at most 100 boxes), so what `predict` shows is what `eval` scores.
+The shared `Predictor` (load -> preprocess -> run on any backend -> postprocess) with a detector's last step. The
+same preprocessing as evaluation (the whole image resized to the detector's square input, normalised; the settings
+travel with the weights) and the same post-processing function as evaluation (mnv2.detection.select_detections:
+decode, per-class NMS, at most 100 boxes), so what `predict` shows is what `eval` scores. On the torch backends it
+runs on the model's two heads; an exported graph (mnv2.deploy.export_detection) runs it itself, and a --raw graph
+gives the heads again.
 """
 
 from __future__ import annotations
@@ -11,13 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import UserError
+from .export_detection import DetectorSpec, detection_onnx
 from .preprocess import load_image
-
-DETECTION_BACKENDS = ("torch", "torch-fast")
+from .runtime import Predictor, build_backend, inspect_onnx, onnx_backend_name, onnx_runner
 
 
 class Detection(NamedTuple):
@@ -28,64 +32,78 @@ class Detection(NamedTuple):
     category_id: int  # the dataset's own id (COCO's 1..90)
 
 
-class DetectionPredictor:
-    """>>> p = DetectionPredictor.from_run("runs/det")
+class DetectionPredictor(Predictor):
+    """>>> p = DetectionPredictor.from_run("runs/det", backend="onnxruntime")
     >>> p.predict(["street.jpg"])[0][:2]   # [Detection(box=(12.0, 40.5, 96.2, 180.0), score=0.91, ...), ...]"""
 
-    def __init__(self, model: nn.Module, config: dict, backend: str = "torch", threads: int | None = None,
-                 batch_size: int = 8):
-        from ..data.detection_transforms import detection_eval_preset
-        from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-        from ..detection import ssd_anchors
-        from .fold import fold_bn
+    def __init__(self, backend, backend_name: str, spec: DetectorSpec, batch_size: int = 8,
+                 fixed_batch: int | None = None):
+        super().__init__(backend, backend_name, spec.preprocess, spec.class_names, batch_size, fixed_batch)
+        self.spec = spec
+        self.anchors = spec.anchors()
 
-        if backend not in DETECTION_BACKENDS:
-            raise UserError(f"backend {backend!r} does not serve detectors yet; use one of "
-                            f"{', '.join(DETECTION_BACKENDS)}")
-        if batch_size < 1:
-            raise UserError(f"batch size must be at least 1, got {batch_size}")
-        if threads is not None:
-            torch.set_num_threads(threads)
-        pre, self.post = config.get("preprocess") or {}, dict(config.get("postprocess") or {})
-        if "resolution" not in pre:
-            raise UserError("detector weights carry no input resolution in their 'preprocess' settings")
-        self.size = int(pre["resolution"])
-        self.transform = detection_eval_preset(self.size, pre.get("mean", IMAGENET_MEAN), pre.get("std", IMAGENET_STD))
-        self.anchors = ssd_anchors(self.size, layout=self.post.get("anchor_layout", "tf"))
-        model = model.eval()
-        self.model = fold_bn(model).to(memory_format=torch.channels_last) if backend == "torch-fast" else model
-        self.backend_name, self.batch_size = backend, batch_size
-        self.class_names = list(config.get("class_names") or [f"class_{i}" for i in range(1, model.num_classes + 1)])
-        self.category_ids = list(config.get("category_ids") or range(1, model.num_classes + 1))
+    # construction ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: nn.Module, config: dict, backend: str | None = None, threads: int | None = None,
+                   batch_size: int = 8, calib_images: list | None = None) -> DetectionPredictor:
+        """A predictor for a detector and its config (as stored with its weights); default backend torch-fast.
+
+        The ONNX backends run the graph `mnv2 export` writes, at a static batch of one image: the dynamo exporter
+        takes three times as long over a dynamic batch of SSDLite, and a static graph is the faster one to run."""
+        name = backend or "torch-fast"
+        spec = DetectorSpec.from_config(config, model.num_classes)
+        calibration = None
+        if calib_images:
+            from .quantize import CalibrationReader
+            calibration = lambda: CalibrationReader.from_images(calib_images, spec.preprocess)
+        graph = lambda: detection_onnx(model, config, spec, dynamic_batch=False).SerializeToString()
+        runner = build_backend(name, model, spec.resolution, threads, calibration, graph)
+        static = name not in ("torch", "torch-fast", "torch-compile")
+        return cls(runner, name, spec, batch_size, fixed_batch=1 if static else None)
 
     @classmethod
-    def from_weights(cls, path: str | Path, **kwargs) -> DetectionPredictor:
-        from .export import load_source
-        return cls(*load_source(weights=path), **kwargs)
+    def from_onnx(cls, path: str | Path, backend: str | None = None, threads: int | None = None,
+                  batch_size: int = 8) -> DetectionPredictor:
+        """A predictor for a detector .onnx file (with or without post-processing in the graph); everything else
+        comes from its metadata_props."""
+        proto, meta, (batch, height, width), num_classes = inspect_onnx(path)
+        if meta.get("mnv2.task") != "detection":
+            raise UserError(f"{path}: not a detector (a classifier runs with Predictor.from_onnx)")
+        spec = DetectorSpec.from_metadata(meta, num_classes, str(path))
+        if spec.resolution not in (height, None) or spec.resolution not in (width, None):
+            raise UserError(f"{path}: metadata says input {spec.resolution}x{spec.resolution} but the graph takes "
+                            f"{height}x{width}")
+        name = onnx_backend_name(path, meta, backend)
+        return cls(onnx_runner(path, proto, name, threads), name, spec, batch_size, fixed_batch=batch)
 
-    @classmethod
-    def from_run(cls, run_dir: str | Path, **kwargs) -> DetectionPredictor:
-        from .export import load_source
-        return cls(*load_source(run=run_dir), **kwargs)
+    # the steps ---------------------------------------------------------------------------------------------------
+    def postprocess(self, outputs: list[np.ndarray], image_sizes: list[tuple[int, int]],
+                    score_threshold: float | None = None) -> list[list[Detection]]:
+        """The backend's outputs -- the two heads, or the graph's (boxes, scores, labels, count) -- to each image's
+        detections scoring above `score_threshold` (default: the detector's own), in its pixels, best first.
 
-    @torch.inference_mode()
+        A higher threshold after NMS gives what NMS at that threshold gives: NMS keeps or drops a box by the boxes
+        that score above it only."""
+        if len(outputs) == 2:
+            outputs = self.spec.select(*(torch.from_numpy(o) for o in outputs), self.anchors)
+        boxes, scores, labels, count = (np.asarray(o) for o in outputs)
+        threshold = self.spec.score_threshold if score_threshold is None else score_threshold
+        results = []
+        for i, (height, width) in enumerate(image_sizes):
+            n = int(np.sum(scores[i, :int(count[i])] > threshold))  # best first: the kept ones lead
+            scaled = boxes[i, :n] * np.array([width, height, width, height], np.float32)
+            results.append([Detection(tuple(float(v) for v in b), float(sc), int(lab), self.class_names[lab - 1],
+                                      int(self.spec.category_ids[lab - 1]))
+                            for b, sc, lab in zip(scaled, scores[i, :n], labels[i, :n].tolist())])
+        return results
+
     def predict_images(self, images: Sequence, score_threshold: float | None = None) -> list[list[Detection]]:
         """Detections for PIL images (already loaded)."""
-        from ..detection import postprocess
-
-        threshold = self.post.get("score_threshold", 1e-8) if score_threshold is None else score_threshold
         out = []
         for i in range(0, len(images), self.batch_size):
-            chunk = images[i:i + self.batch_size]
-            batch = torch.stack([self.transform(_to_tensor(im)) for im in chunk])
-            cls_logits, box_deltas = self.model(batch.contiguous(memory_format=torch.channels_last))
-            dets = postprocess(cls_logits.float(), box_deltas.float(), self.anchors,
-                               [(im.height, im.width) for im in chunk], kind=self.post.get("kind", "sigmoid"),
-                               score_threshold=threshold, iou_threshold=self.post.get("iou_threshold", 0.6),
-                               max_detections=self.post.get("max_detections", 100))
-            out += [[Detection(tuple(float(v) for v in b), float(s), int(lab), self.class_names[int(lab) - 1],
-                               int(self.category_ids[int(lab) - 1]))
-                     for b, s, lab in zip(d["boxes"], d["scores"], d["labels"])] for d in dets]
+            chunk = [load_image(im) for im in images[i:i + self.batch_size]]
+            outputs = self.run_outputs(self.load(chunk))
+            out += self.postprocess(outputs, [(im.height, im.width) for im in chunk], score_threshold)
         return out
 
     def predict(self, images: Sequence, score_threshold: float | None = None) -> list[list[Detection]]:

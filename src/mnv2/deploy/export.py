@@ -30,6 +30,8 @@ DEFAULT_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 META_MODEL, META_PREPROCESS, META_CLASSES, META_INT8 = ("mnv2.model", "mnv2.preprocess", "mnv2.class_names",
                                                        "mnv2.int8")
+# Detectors only (mnv2.deploy.export_detection); a file without META_TASK is a classifier.
+META_TASK, META_POSTPROCESS, META_CATEGORY_IDS = "mnv2.task", "mnv2.postprocess", "mnv2.category_ids"
 
 
 def optional_import(module: str, extra: str, purpose: str):
@@ -67,8 +69,9 @@ def onnx_metadata(config: dict, preprocess: Preprocess, num_classes: int) -> dic
 
 
 def to_onnx(model: nn.Module, resolution: int, dynamic_batch: bool = True, opset: int = DEFAULT_OPSET,
-            metadata: dict[str, str] | None = None):
-    """The BN-folded `model` as an in-memory onnx.ModelProto with input [N, 3, R, R] named "input"."""
+            metadata: dict[str, str] | None = None, output_names: tuple[str, ...] = (OUTPUT_NAME,)):
+    """The BN-folded `model` as an in-memory onnx.ModelProto with input [N, 3, R, R] named "input" and outputs named
+    `output_names` (a classifier's "logits"; a detector's heads)."""
     optional_import("onnxscript", "export", "ONNX export")
     onnx = optional_import("onnx", "export", "ONNX export")
     if opset < MIN_OPSET:
@@ -79,19 +82,26 @@ def to_onnx(model: nn.Module, resolution: int, dynamic_batch: bool = True, opset
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(folded, (x,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-                                    output_names=[OUTPUT_NAME], dynamic_shapes=shapes, verbose=False)
+                                    output_names=list(output_names), dynamic_shapes=shapes, verbose=False)
     proto = program.model_proto
-    for key, value in (metadata or {}).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    set_metadata(proto, metadata or {})
     onnx.checker.check_model(proto)
     return proto
+
+
+def set_metadata(proto, metadata: dict[str, str]) -> None:
+    """Add (or replace) metadata_props entries of an onnx.ModelProto."""
+    kept = [(e.key, e.value) for e in proto.metadata_props if e.key not in metadata]
+    del proto.metadata_props[:]
+    for key, value in [*kept, *metadata.items()]:
+        proto.metadata_props.add(key=key, value=value)
 
 
 @torch.inference_mode()
 def max_difference(model: nn.Module, onnx_model: bytes | str | Path, resolution: int, batches=(1,)
                    ) -> tuple[float, float]:
-    """(largest |PyTorch - onnxruntime| logit, largest |PyTorch logit|) over random inputs of the given batch sizes."""
+    """(largest |PyTorch - onnxruntime| output, largest |PyTorch output|) over random inputs of the given batch sizes;
+    every output of the model (a detector's two heads) is compared."""
     ort = optional_import("onnxruntime", "export", "checking the exported graph")
     source = str(onnx_model) if isinstance(onnx_model, (str, Path)) else onnx_model
     session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
@@ -99,12 +109,14 @@ def max_difference(model: nn.Module, onnx_model: bytes | str | Path, resolution:
     worst, scale = 0.0, 0.0
     for b in batches:
         x = torch.randn(b, 3, resolution, resolution, generator=g)
-        expected = model.eval()(x).numpy()
-        got = session.run(None, {INPUT_NAME: x.numpy()})[0]
-        if got.shape != expected.shape:
-            raise UserError(f"exported graph gives shape {got.shape}, PyTorch {expected.shape}")
-        worst = max(worst, float(np.abs(got - expected).max()))
-        scale = max(scale, float(np.abs(expected).max()))
+        outputs = model.eval()(x)
+        for expected, got in zip(outputs if isinstance(outputs, tuple) else (outputs,),
+                                 session.run(None, {INPUT_NAME: x.numpy()}), strict=True):
+            expected = expected.numpy()
+            if got.shape != expected.shape:
+                raise UserError(f"exported graph gives shape {got.shape}, PyTorch {expected.shape}")
+            worst = max(worst, float(np.abs(got - expected).max()))
+            scale = max(scale, float(np.abs(expected).max()))
     return worst, scale
 
 

@@ -1,7 +1,7 @@
-"""What a deployed classifier needs besides its weights: eval preprocessing, class names, and image loading.
+"""What a deployed model needs besides its weights: eval preprocessing, class names, and image loading.
 
 The preprocessing travels with the model (safetensors header, ONNX metadata_props), so an exported file alone is enough
-to classify images the way the model was evaluated.
+to classify images (or detect objects in them) the way the model was evaluated.
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ from ..errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+_RESIZES = ("crop", "stretch")
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Eval preprocessing: resize the short side to resolution / crop_fraction, centre-crop, normalise.
+    """Eval preprocessing: resize the short side to resolution / crop_fraction, centre-crop, normalise (resize
+    "crop", classifiers); or the whole image resized to resolution x resolution, normalised (resize "stretch", SSD
+    detectors: TF's fixed_shape_resizer, the detection eval preset).
 
     crop_fraction 0.875 is the 224/256 centre crop that torchvision and TF-Slim evaluate ImageNet with.
     """
@@ -34,6 +37,7 @@ class Preprocess:
     std: tuple[float, float, float] = IMAGENET_STD
     crop_fraction: float = 0.875
     interpolation: str = "bilinear"
+    resize: str = "crop"
     _transform: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -43,25 +47,37 @@ class Preprocess:
             raise UserError(f"unknown interpolation {self.interpolation!r}; expected one of {_INTERPOLATIONS}")
         if not 0 < self.crop_fraction <= 1:
             raise UserError(f"crop_fraction must be in (0, 1], got {self.crop_fraction}")
+        if self.resize not in _RESIZES:
+            raise UserError(f"unknown resize {self.resize!r}; expected one of {_RESIZES}")
+        if self.resize == "stretch" and self.interpolation != "bilinear":
+            raise UserError(f"resize 'stretch' (the detection eval preset) is bilinear, got {self.interpolation!r}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         # The training code's eval preset: the model sees at deployment exactly what it saw in evaluation.
-        object.__setattr__(self, "_transform", eval_preset(self.resolution, crop_fraction=self.crop_fraction,
-                                                           mean=self.mean, std=self.std,
-                                                           interpolation=self.interpolation))
+        if self.resize == "stretch":
+            from torchvision.transforms import v2
+
+            from ..data.detection_transforms import detection_eval_preset
+            # on the uint8 tensor, as CocoDetection hands it to the preset in evaluation (PIL's resize differs)
+            transform = v2.Compose([v2.PILToTensor(), detection_eval_preset(self.resolution, self.mean, self.std)])
+        else:
+            transform = eval_preset(self.resolution, crop_fraction=self.crop_fraction, mean=self.mean, std=self.std,
+                                    interpolation=self.interpolation)
+        object.__setattr__(self, "_transform", transform)
 
     @classmethod
     def from_dict(cls, d: dict | None, resolution: int | None = None) -> Preprocess:
         """From a model config's "preprocess" entry (missing keys take ImageNet defaults); `resolution` overrides."""
         d = {k: v for k, v in (d or {}).items() if k in ("resolution", "mean", "std", "crop_fraction",
-                                                           "interpolation")}
+                                                           "interpolation", "resize")}
         if resolution is not None:
             d["resolution"] = resolution
         return cls(**d)
 
     def to_dict(self) -> dict:
-        return {"resolution": self.resolution, "mean": list(self.mean), "std": list(self.std),
-                "crop_fraction": self.crop_fraction, "interpolation": self.interpolation}
+        d = {"resolution": self.resolution, "mean": list(self.mean), "std": list(self.std),
+             "crop_fraction": self.crop_fraction, "interpolation": self.interpolation}
+        return d if self.resize == "crop" else {**d, "resize": self.resize}  # classifier metadata as it always was
 
     def __call__(self, images: list) -> torch.Tensor:
         """A float batch [N, 3, R, R] from image paths or PIL images."""

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import UserError
 from .export import INPUT_NAME, META_INT8, optional_import
+from .export_detection import DETECTION_OUTPUTS, graph_outputs, join_detection_graph, split_detection_graph
 from .preprocess import Preprocess, dumps
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -59,8 +60,9 @@ def split_calibration(images: list, calib_images: int, seed: int = 0) -> tuple[l
 
 def quantize_int8(fp32_model: bytes | str | Path, out: str | Path, reader: CalibrationReader,
                   method: str = DEFAULT_METHOD, info: dict | None = None) -> Path:
-    """Write the int8 QDQ version of an fp32 ONNX classifier to `out` (atomically); metadata_props are kept and
-    `info` (e.g. calibration count, agreement) is stored under "mnv2.int8"."""
+    """Write the int8 QDQ version of an fp32 ONNX model to `out` (atomically); metadata_props are kept and `info`
+    (e.g. calibration count, agreement) is stored under "mnv2.int8". Of a detection graph with post-processing
+    (mnv2.deploy.export_detection) only the network is quantised: decoding and NMS stay fp32."""
     onnx = optional_import("onnx", "export", "int8 quantisation")
     q = optional_import("onnxruntime.quantization", "export", "int8 quantisation")
     if method not in CALIBRATION_METHODS:
@@ -75,16 +77,26 @@ def quantize_int8(fp32_model: bytes | str | Path, out: str | Path, reader: Calib
         else:
             src.write_bytes(Path(fp32_model).read_bytes())
         original = onnx.load(str(src))
+        post = None
+        if graph_outputs(original) == DETECTION_OUTPUTS:
+            network, post = split_detection_graph(original)
+            onnx.save(network, str(src))
         pre = Path(work) / "pre.onnx"
         # Shape inference + graph optimisation first, so every tensor has a known shape and Conv+Clip pairs are
         # fused before QDQ nodes are placed (onnxruntime's recommended preparation).
         q.quant_pre_process(str(src), str(pre))
         quantized = Path(work) / "int8.onnx"
-        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress to stdout
-            q.quantize_static(str(pre), str(quantized), reader, quant_format=q.QuantFormat.QDQ, per_channel=True,
-                              activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                              calibrate_method=calibrate)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress to stdout
+                q.quantize_static(str(pre), str(quantized), reader, quant_format=q.QuantFormat.QDQ,
+                                  per_channel=True, activation_type=q.QuantType.QUInt8,
+                                  weight_type=q.QuantType.QInt8, calibrate_method=calibrate)
+        except (ValueError, RuntimeError) as e:  # e.g. percentile histograms of near-constant activations
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"int8 calibration ({method}) failed: {first}; try another --calib-method") from None
         model = onnx.load(str(quantized))
+        if post is not None:
+            model = join_detection_graph(model, post)
         del model.metadata_props[:]
         for entry in original.metadata_props:
             model.metadata_props.add(key=entry.key, value=entry.value)
@@ -139,3 +151,28 @@ def _atomic_write(out: Path, data: bytes) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def detection_ap(predictors: dict, val_dir: str | Path, batch_size: int = 8) -> tuple[dict[str, dict], int]:
+    """({name: COCO metrics}, images) of each DetectionPredictor on the val split of the COCO-layout folder
+    `val_dir` (data.coco.find_coco_split: COCO 2017's or the shapes layout), scored by COCOeval as `mnv2 eval` does:
+    the detectors' own score threshold, their labels mapped back to the file's category ids."""
+    from torchvision.transforms.v2.functional import to_pil_image
+
+    from ..data.coco import CocoDetection, find_coco_split
+    from ..eval.coco import coco_evaluate, to_coco_results
+
+    first = next(iter(predictors.values()))
+    dataset = CocoDetection(*find_coco_split(val_dir, "val"), category_ids=list(first.spec.category_ids))
+    found = {name: {} for name in predictors}
+    for i in range(0, len(dataset), batch_size):
+        ids = dataset.image_ids[i:i + batch_size]
+        images = [to_pil_image(dataset[j][0]) for j in range(i, i + len(ids))]  # the eval loader's pixels
+        for name, predictor in predictors.items():
+            for image_id, dets in zip(ids, predictor.predict_images(images)):
+                found[name][image_id] = {"boxes": torch.tensor([d.box for d in dets]).reshape(-1, 4),
+                                         "scores": torch.tensor([d.score for d in dets]),
+                                         "labels": torch.tensor([d.label for d in dets], dtype=torch.long)}
+    metrics = {name: coco_evaluate(dataset.coco, to_coco_results(dets, dataset.category_ids), dataset.image_ids)[0]
+               for name, dets in found.items()}
+    return metrics, len(dataset)

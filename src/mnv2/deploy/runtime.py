@@ -1,6 +1,7 @@
 """Inference backends behind one interface, and `Predictor`: images in, top-k (label, name, probability) out.
 
-Backends (all take a float32 NCHW batch and return logits):
+Backends (all take a float32 NCHW batch; `outputs(x)` returns every output of the model, calling one returns the
+first, a classifier's logits; a detector's outputs are turned into boxes by mnv2.deploy.detect):
   torch            eager PyTorch, the reference.
   torch-fast       BN folded (section 3: conv + BN become one conv), channels_last, still eager; a MobileNetV2 runs
                    on the native bottleneck kernels of the section 5.1 executor at t = 1 where they build.
@@ -30,7 +31,17 @@ from torch import nn
 
 from .. import native
 from ..errors import UserError
-from .export import META_CLASSES, META_INT8, META_PREPROCESS, load_source, optional_import, read_metadata, to_onnx
+from .export import (
+    META_CLASSES,
+    META_INT8,
+    META_PREPROCESS,
+    META_TASK,
+    load_source,
+    optional_import,
+    read_metadata,
+    to_onnx,
+)
+from .export_detection import DETECTION_OUTPUTS, RAW_OUTPUTS
 from .fold import fold_bn
 from .preprocess import Preprocess, resolve_class_names
 
@@ -67,7 +78,7 @@ def _check_backend(name: str) -> None:
         optional_import(module, extra, f"backend {name!r}")
 
 
-# --- backends: callables numpy [N, 3, H, W] float32 -> numpy logits [N, C] ---------------------------------------
+# --- backends: callables numpy [N, 3, H, W] float32 -> numpy logits [N, C]; outputs(x) -> every output ------------
 
 class TorchBackend:
     def __init__(self, model: nn.Module, threads: int | None = None, channels_last: bool = False,
@@ -79,9 +90,13 @@ class TorchBackend:
         self.model = torch.compile(model, options={"freezing": True}) if compile else model
 
     @torch.inference_mode()
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def outputs(self, x: np.ndarray) -> list[np.ndarray]:
         t = torch.from_numpy(x).contiguous(memory_format=self.memory_format)
-        return self.model(t).float().numpy()
+        out = self.model(t)
+        return [o.float().numpy() for o in (out if isinstance(out, tuple) else (out,))]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.outputs(x)[0]
 
 
 class OnnxRuntimeBackend:
@@ -100,8 +115,11 @@ class OnnxRuntimeBackend:
             raise UserError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
         self.input_name = self.session.get_inputs()[0].name
 
+    def outputs(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        return self.outputs(x)[0]
 
 
 class OpenVinoBackend:
@@ -150,10 +168,15 @@ class OpenVinoBackend:
             self.requests.popitem(last=False)
         return request
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def outputs(self, x: np.ndarray) -> list[np.ndarray]:
         x = np.ascontiguousarray(x, dtype=np.float32)
         # share_inputs: OpenVINO reads the caller's array instead of copying it (~0.1 ms of a 1.5 ms int8 call);
-        # share_outputs: its output buffer is reused by the next call, so the logits are copied out.
+        # share_outputs: its output buffer is reused by the next call, so the outputs are copied out.
+        out = self._request(x.shape).infer({0: x}, share_inputs=True, share_outputs=True)
+        return [np.array(out[i], copy=True) for i in range(len(self.model.outputs))]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
         out = self._request(x.shape).infer({0: x}, share_inputs=True, share_outputs=True)[0]
         return np.array(out, copy=True)
 
@@ -170,8 +193,10 @@ def fast_module(model: nn.Module) -> nn.Module:
 
 
 def build_backend(name: str, model: nn.Module, resolution: int, threads: int | None = None,
-                  calibration: Callable[[], object] | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """Backend `name` for a PyTorch model. `calibration()` returns a CalibrationReader (onnxruntime-int8 only)."""
+                  calibration: Callable[[], object] | None = None, graph: Callable[[], bytes] | None = None
+                  ) -> Callable[[np.ndarray], np.ndarray]:
+    """Backend `name` for a PyTorch model. `calibration()` returns a CalibrationReader (int8 backends only);
+    `graph()` the fp32 ONNX graph the ONNX backends run (default: the model's own, dynamic batch)."""
     _check_backend(name)
     model = model.eval()
     if name == "torch":
@@ -180,7 +205,7 @@ def build_backend(name: str, model: nn.Module, resolution: int, threads: int | N
         return TorchBackend(fast_module(model), threads, channels_last=True)
     if name == "torch-compile":
         return TorchBackend(fold_bn(model), threads, channels_last=True, compile=True)
-    fp32 = to_onnx(model, resolution, dynamic_batch=True).SerializeToString()
+    fp32 = graph() if graph is not None else to_onnx(model, resolution, dynamic_batch=True).SerializeToString()
     if name == "onnxruntime":
         return OnnxRuntimeBackend(fp32, threads)
     if name == "openvino":
@@ -250,12 +275,9 @@ class Predictor:
                   batch_size: int = 8) -> Predictor:
         """A predictor for an .onnx classifier; preprocessing and class names come from its metadata_props."""
         proto, meta, (batch, height, width), num_classes = inspect_onnx(path)
-        name = backend or (default_backend(int8=True) if META_INT8 in meta else "onnxruntime")
-        if name not in ONNX_BACKENDS:
-            raise UserError(f"{path}: an .onnx file runs on {', '.join(ONNX_BACKENDS)}, not backend {name!r}")
-        if name in INT8_BACKENDS and META_INT8 not in meta:
-            raise UserError(f"{path}: not an int8 model (export one with `mnv2 export --int8`)")
-        _check_backend(name)
+        if meta.get(META_TASK) == "detection":
+            raise UserError(f"{path}: a detector; run it with DetectionPredictor.from_onnx (`mnv2 predict` does)")
+        name = onnx_backend_name(path, meta, backend)
         if META_PREPROCESS in meta:
             preprocess = Preprocess.from_dict(meta[META_PREPROCESS])
             if preprocess.resolution not in (height, None) or preprocess.resolution not in (width, None):
@@ -269,12 +291,7 @@ class Predictor:
             names = resolve_class_names(meta.get(META_CLASSES), num_classes)
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
-        data = proto.SerializeToString()
-        try:
-            runtime = OpenVinoBackend if name.startswith("openvino") else OnnxRuntimeBackend
-            runner = runtime(data, threads)
-        except UserError as e:
-            raise UserError(f"{path}: {e}") from None
+        runner = onnx_runner(path, proto, name, threads)
         return cls(runner, name, preprocess, names, batch_size, fixed_batch=batch)
 
     # the four steps ----------------------------------------------------------------------------------------------
@@ -283,15 +300,19 @@ class Predictor:
         return self.preprocess(list(images)).numpy()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        """Preprocessed batch -> logits, in chunks of the batch size."""
+        """Preprocessed batch -> logits (the first output), in chunks of the batch size."""
+        return self.run_outputs(batch)[0]
+
+    def run_outputs(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Preprocessed batch -> every output of the model, in chunks of the batch size."""
         chunks = []
         for i in range(0, len(batch), self.batch_size):
             x = batch[i:i + self.batch_size]
             n = len(x)
             if self.fixed_batch and n < self.fixed_batch:  # pad a static-batch graph's last chunk
                 x = np.concatenate([x, np.zeros((self.fixed_batch - n, *x.shape[1:]), x.dtype)])
-            chunks.append(self.backend(x)[:n])
-        return np.concatenate(chunks)
+            chunks.append([o[:n] for o in self.backend.outputs(x)])
+        return [np.concatenate(parts) for parts in zip(*chunks)]
 
     def postprocess(self, logits: np.ndarray, topk: int = 5) -> list[list[Prediction]]:
         z = logits - logits.max(1, keepdims=True)
@@ -307,9 +328,29 @@ class Predictor:
         return results
 
 
+def onnx_backend_name(path: str | Path, meta: dict, backend: str | None) -> str:
+    """The backend an .onnx file runs on: `backend` if it can, else the default for the file (int8 or fp32)."""
+    name = backend or (default_backend(int8=True) if META_INT8 in meta else "onnxruntime")
+    if name not in ONNX_BACKENDS:
+        raise UserError(f"{path}: an .onnx file runs on {', '.join(ONNX_BACKENDS)}, not backend {name!r}")
+    if name in INT8_BACKENDS and META_INT8 not in meta:
+        raise UserError(f"{path}: not an int8 model (export one with `mnv2 export --int8`)")
+    _check_backend(name)
+    return name
+
+
+def onnx_runner(path: str | Path, proto, name: str, threads: int | None):
+    try:
+        runtime = OpenVinoBackend if name.startswith("openvino") else OnnxRuntimeBackend
+        return runtime(proto.SerializeToString(), threads)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
 def inspect_onnx(path: str | Path):
     """(proto, mnv2 metadata, (batch, H, W) with None for dynamic dims, number of classes) of an image classifier
-    .onnx file, or one UserError naming the file and what is wrong with it."""
+    or detector .onnx file, or one UserError naming the file and what is wrong with it. A detector (outputs named as
+    mnv2.deploy.export_detection writes them) has metadata "mnv2.task" = "detection" and C object classes."""
     onnx = optional_import("onnx", "export", "reading .onnx files")
     path = Path(path)
     if not path.is_file():
@@ -322,20 +363,37 @@ def inspect_onnx(path: str | Path):
     graph = proto.graph
     initializers = {t.name for t in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
+    outputs = tuple(o.name for o in graph.output)
+    if len(graph.node) > 0 and len(inputs) == 1 and outputs in (DETECTION_OUTPUTS, RAW_OUTPUTS):
+        return _inspect_detector(path, proto, inputs[0])
     if len(graph.node) == 0 or len(inputs) != 1 or len(graph.output) != 1:
         raise UserError(f"{path}: not an image classifier graph ({len(inputs)} inputs, {len(graph.output)} outputs, "
                         f"{len(graph.node)} nodes; expected one image input and one logits output)")
 
-    def dims(value_info):
-        return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
-
-    shape_in, shape_out = dims(inputs[0]), dims(graph.output[0])
+    shape_in, shape_out = _dims(inputs[0]), _dims(graph.output[0])
     if len(shape_in) != 4 or shape_in[1] != 3:
         raise UserError(f"{path}: input shape {shape_in} is not an RGB image batch [N, 3, H, W]")
     if len(shape_out) != 2 or shape_out[1] is None:
         raise UserError(f"{path}: output shape {shape_out} is not class logits [N, C]")
+    return proto, _metadata(path, proto), tuple(shape_in[0:1] + shape_in[2:]), shape_out[1]
+
+
+def _dims(value_info) -> list[int | None]:
+    return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
+
+
+def _metadata(path: Path, proto) -> dict:
     try:
-        meta = read_metadata(proto)
+        return read_metadata(proto)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
-    return proto, meta, tuple(shape_in[0:1] + shape_in[2:]), shape_out[1]
+
+
+def _inspect_detector(path: Path, proto, image_input):
+    shape_in, meta = _dims(image_input), _metadata(path, proto)
+    if len(shape_in) != 4 or shape_in[1] != 3:
+        raise UserError(f"{path}: input shape {shape_in} is not an RGB image batch [N, 3, H, W]")
+    if meta.get(META_TASK) != "detection" or not isinstance(meta.get(META_CLASSES), list):
+        raise UserError(f"{path}: a detection graph without mnv2 detection metadata (task, class names); export it "
+                        "with `mnv2 export`")
+    return proto, meta, tuple(shape_in[0:1] + shape_in[2:]), len(meta[META_CLASSES])

@@ -8,7 +8,7 @@ from .anchors import LAYOUTS, feature_map_sizes, num_anchors_per_location, ssd_a
 from .box_coder import BoxCoder
 from .loss import KINDS, encode_targets, multibox_loss
 from .matcher import match_anchors
-from .postprocess import postprocess
+from .postprocess import per_image, postprocess, select_detections
 
 __all__ = [
     "KINDS",
@@ -19,6 +19,8 @@ __all__ = [
     "match_anchors",
     "multibox_loss",
     "num_anchors_per_location",
+    "per_image",
     "postprocess",
+    "select_detections",
     "ssd_anchors",
 ]

@@ -1,16 +1,91 @@
 """Detections from SSD outputs: scores, decoding, per-class NMS (paper 6.2; TF's batch_non_max_suppression settings).
 
-The one post-processing function for eval, predict and export (STYLE habit 7).
+The one post-processing function for eval, predict and export (STYLE habit 7): `select_detections` works on fixed
+shapes (top-k candidates per class, an NMS keep mask, the best `max_detections` padded), so the exported ONNX graph
+is a trace of this very code; `postprocess` cuts each image's detections to their count and scales them to its pixels.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms, clip_boxes_to_image
+from torchvision.ops import clip_boxes_to_image, nms
 
 from .box_coder import BoxCoder
 from .loss import check_kind
+
+
+@torch.library.custom_op("mnv2::nms_rows", mutates_args=())
+def nms_rows(boxes: Tensor, scores: Tensor, iou_threshold: float, score_threshold: float) -> Tensor:
+    """Greedy NMS in each row on its own: boxes [R, K, 4] xyxy, scores [R, K] -> keep [R, K] bool.
+
+    A box is kept if it scores above `score_threshold` and no higher-scoring kept box of its row overlaps it with IoU
+    above `iou_threshold` (torchvision.ops.nms per row). One row per (image, class) is per-class NMS without the
+    coordinate-offset trick of `batched_nms`, whose float32 rounding grows with the number of classes. A custom op so
+    that the ONNX exporter sees one node: it becomes ONNX NonMaxSuppression, one batch per row (mnv2.deploy.detection).
+    """
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    for row in range(scores.shape[0]):
+        candidates = (scores[row] > score_threshold).nonzero().squeeze(1)
+        if len(candidates):
+            keep[row, candidates[nms(boxes[row, candidates], scores[row, candidates], iou_threshold)]] = True
+    return keep
+
+
+@nms_rows.register_fake
+def _(boxes: Tensor, scores: Tensor, iou_threshold: float, score_threshold: float) -> Tensor:
+    return scores.new_empty(scores.shape, dtype=torch.bool)
+
+
+def select_detections(cls_logits: Tensor, box_deltas: Tensor, anchors_cxcywh: Tensor, kind: str = "sigmoid",
+                      score_threshold: float = 1e-8, iou_threshold: float = 0.6, max_detections: int = 100,
+                      candidates_per_class: int = 100, box_coder: BoxCoder | None = None
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Each image's best detections in fixed-shape tensors: (boxes [N, K, 4] xyxy normalised to the input, clipped to
+    [0, 1]; scores [N, K]; labels [N, K] long in 1..C; count [N] long), K = `max_detections`, best first; slots from
+    `count` on hold zeros (label 0, background). Arguments as `postprocess`."""
+    check_kind(kind)
+    box_coder = box_coder or BoxCoder()
+    logits = cls_logits.float()
+    probs = logits.sigmoid() if kind == "sigmoid" else logits.softmax(dim=-1)
+    scores = probs[..., 1:]
+    batch, num_anchors, num_classes = scores.shape
+    anchors = anchors_cxcywh.to(logits.device, torch.float32)
+    # Decode and clip in the normalised input frame, where NMS runs as in TF (clip_window [0, 0, 1, 1]) and
+    # torchvision (clipped to the square network input): IoU there is IoU in network-input pixels.
+    boxes = clip_boxes_to_image(box_coder.decode(box_deltas, anchors), (1, 1))
+    # Each class's best k anchors; candidate slot c * k + rank holds class c + 1's rank-th anchor.
+    k = min(candidates_per_class, num_anchors)
+    top_scores, top_anchors = scores.topk(k, dim=1)  # [N, k, C]
+    top_scores = top_scores.transpose(1, 2).reshape(batch, num_classes * k)
+    top_anchors = top_anchors.transpose(1, 2).reshape(batch, num_classes * k)
+    candidates = boxes.gather(1, top_anchors.unsqueeze(-1).expand(-1, -1, 4))  # [N, C * k, 4]
+    keep = nms_rows(candidates.reshape(-1, k, 4), top_scores.reshape(-1, k), iou_threshold, score_threshold)
+    keep = keep.reshape(batch, num_classes * k) & (top_scores > score_threshold)
+    ranked = torch.where(keep, top_scores, -1.0)  # scores are >= 0: -1 marks a slot NMS or the threshold removed
+    if num_classes * k < max_detections:
+        ranked = torch.nn.functional.pad(ranked, (0, max_detections - num_classes * k), value=-1.0)
+    best, slot = ranked.topk(max_detections, dim=1)
+    valid = best >= 0
+    slot = torch.where(valid, slot, 0)
+    out_boxes = candidates.gather(1, slot.unsqueeze(-1).expand(-1, -1, 4)) * valid.unsqueeze(-1)
+    labels = torch.where(valid, slot // k + 1, 0)
+    return out_boxes, torch.where(valid, best, 0.0), labels, valid.sum(dim=1)
+
+
+def per_image(boxes: Tensor, scores: Tensor, labels: Tensor, count: Tensor, image_sizes: list[tuple[int, int]]
+              ) -> list[dict[str, Tensor]]:
+    """`select_detections`' padded tensors -> per image dict(boxes [K, 4] xyxy in that image's pixels, scores [K],
+    labels [K]), each cut to its count."""
+    if len(image_sizes) != boxes.shape[0]:
+        raise ValueError(f"postprocess: {len(image_sizes)} image sizes for a batch of {boxes.shape[0]}")
+    results = []
+    for i, (height, width) in enumerate(image_sizes):
+        n = int(count[i])
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=boxes.device)
+        results.append({"boxes": boxes[i, :n].float() * scale, "scores": scores[i, :n].float(),
+                        "labels": labels[i, :n].long()})
+    return results
 
 
 def postprocess(cls_logits: Tensor, box_deltas: Tensor, anchors_cxcywh: Tensor, image_sizes: list[tuple[int, int]],
@@ -27,30 +102,8 @@ def postprocess(cls_logits: Tensor, box_deltas: Tensor, anchors_cxcywh: Tensor, 
         score_threshold: keep scores above it; TF evaluates COCO at 1e-8 (paper 6.2's mAP needs a very low one).
         iou_threshold: per-class NMS IoU (TF config: 0.6). candidates_per_class: top-k per class before NMS.
     """
-    check_kind(kind)
     if len(image_sizes) != cls_logits.shape[0]:
         raise ValueError(f"postprocess: {len(image_sizes)} image sizes for a batch of {cls_logits.shape[0]}")
-    box_coder = box_coder or BoxCoder()
-    logits = cls_logits.float()
-    probs = logits.sigmoid() if kind == "sigmoid" else logits.softmax(dim=-1)
-    scores = probs[..., 1:]
-    num_anchors, num_classes = scores.shape[1], scores.shape[2]
-    anchors = anchors_cxcywh.to(logits.device, torch.float32)
-    # Decode and clip in the normalised input frame, where NMS runs as in TF (clip_window [0, 0, 1, 1]) and
-    # torchvision (clipped to the square network input): IoU there is IoU in network-input pixels.
-    boxes = clip_boxes_to_image(box_coder.decode(box_deltas, anchors), (1, 1))
-    # Static-shaped candidate selection (top-k per class, then a threshold mask) keeps the graph export-friendly.
-    k = min(candidates_per_class, num_anchors)
-    class_labels = torch.arange(1, num_classes + 1, device=logits.device).expand(k, num_classes).reshape(-1)
-
-    results = []
-    for i, (height, width) in enumerate(image_sizes):
-        top_scores, top_anchors = scores[i].topk(k, dim=0)  # [k, C]: each class's best k anchors
-        top_scores, top_anchors = top_scores.reshape(-1), top_anchors.reshape(-1)
-        keep = top_scores > score_threshold
-        cand_scores, cand_labels = top_scores[keep], class_labels[keep]
-        cand_boxes = boxes[i, top_anchors[keep]]
-        kept = batched_nms(cand_boxes, cand_scores, cand_labels, iou_threshold)[:max_detections]
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=logits.device)
-        results.append({"boxes": cand_boxes[kept] * scale, "scores": cand_scores[kept], "labels": cand_labels[kept]})
-    return results
+    padded = select_detections(cls_logits, box_deltas, anchors_cxcywh, kind, score_threshold, iou_threshold,
+                               max_detections, candidates_per_class, box_coder)
+    return per_image(*padded, image_sizes)
