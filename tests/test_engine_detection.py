@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -143,6 +144,27 @@ def test_malformed_json_is_one_line(tmp_path):
     assert str(path) in proc.stderr and "not a readable JSON file" in proc.stderr
 
 
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_unreadable_image_stops_the_run_or_is_skipped_and_reported(tmp_path, policy):
+    root = write_dataset(tmp_path / "data", "detect", images=10, size=32)
+    data = json.loads((root / "annotations" / "instances_train.json").read_text())
+    bad = root / "images" / data["images"][0]["file_name"]
+    bad.write_bytes(b"not a jpeg")
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "mnv2.cli.main", "train", "--task", "detection", "--data", str(root),
+                           "--out", str(run), "--no-progress", "--workers", "0", "--on-bad-image", policy,
+                           "--set", "train.max_steps=1", "--set", "train.batch_size=8", "--resolution", "64"],
+                          capture_output=True, text=True, env=ENV, timeout=300, check=False)
+    if policy == "error":
+        assert proc.returncode == 2
+        assert proc.stderr.count("\n") == 1 and str(bad) in proc.stderr, proc.stderr
+        assert not (run / "best.safetensors").exists()
+    else:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "train: 1 unreadable image skipped" in proc.stdout and bad.name in proc.stdout, proc.stdout
+        assert (run / "best.safetensors").is_file()
+
+
 def test_demo_recipe_runs_as_shipped(tmp_path):
     """`mnv2 train --task detection` as a user types it (embedded data written on first use, the shipped demo recipe),
     cut to two steps: the recipe, the data it writes and the whole loop fit together."""
@@ -150,7 +172,7 @@ def test_demo_recipe_runs_as_shipped(tmp_path):
                            "--no-progress", "--set", "train.max_steps=2"], capture_output=True, text=True, env=ENV,
                           timeout=600, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "ssdlite_mobilenet_v2 width 0.5 @ 128 on 320 images of 8 classes" in proc.stdout
+    assert "ssdlite_mobilenet_v2 width 0.35 @ 128 on 320 images of 8 classes" in proc.stdout
     _, meta = load_model(tmp_path / "run" / "best.safetensors")
     assert meta["task"] == "detection" and meta["metrics"]["images"] == 80  # every val image scored
     assert (tmp_path / "data" / "shapes" / "detect" / "annotations" / "instances_val.json").is_file()
@@ -164,4 +186,31 @@ def test_a_classifier_is_not_silently_trained_as_a_detector(tmp_path):
     task = DetectionTask(load_config(None, ["task=detection", "model.name=mobilenet_v2"]), root)
     task.datasets()
     with pytest.raises(UserError, match="'mobilenet_v2' is not a detector"):
+        task.build_model()
+
+
+def test_backbone_weights_from_a_classifier_file(tmp_path):
+    """`--set model.backbone_weights=FILE`: the classifier's weights start the backbone (classifier layer dropped);
+    a classifier of another width is one line naming the file."""
+    from mnv2 import create_model
+    from mnv2.engine.tasks.detection import DetectionTask
+    from mnv2.errors import UserError
+    from mnv2.weights import save_model
+
+    classifier = create_model("mobilenet_v2", width_mult=0.35, num_classes=8)
+    torch.nn.init.normal_(classifier.blocks[3].dw.conv.weight)  # not what a fresh backbone holds
+    weights = save_model(tmp_path / "cls.safetensors", classifier, "mobilenet_v2",
+                         {"width_mult": 0.35, "num_classes": 8})
+    root = write_dataset(tmp_path / "data", "detect", images=10, size=32)
+    task = DetectionTask(tiny_detection_config(root, f"model.backbone_weights={weights}"), root)
+    task.datasets()
+    detector = task.build_model()
+    for key, value in classifier.state_dict().items():
+        if not key.startswith("classifier."):
+            assert torch.equal(detector.backbone.state_dict()[key], value), key
+    wide = save_model(tmp_path / "wide.safetensors", create_model("mobilenet_v2", width_mult=0.5), "mobilenet_v2",
+                      {"width_mult": 0.5, "num_classes": 1000})
+    task = DetectionTask(tiny_detection_config(root, f"model.backbone_weights={wide}"), root)
+    task.datasets()
+    with pytest.raises(UserError, match="wide.safetensors.*width 0.5"):
         task.build_model()

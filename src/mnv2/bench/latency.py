@@ -52,7 +52,8 @@ def build_runner(name: str, model: nn.Module, resolution: int, threads: int):
 
 
 def time_runners(runners: dict, resolution: int, batch: int, repeats: int, warmup: int = 10,
-                 rounds: int = 10, throughput_rounds: int = 3, settle: float = 0.06) -> dict[str, dict]:
+                 rounds: int = 10, throughput_rounds: int = 3, settle: float = 0.06, inputs: tuple | None = None
+                 ) -> dict[str, dict]:
     """Median / p90 batch-1 latency, the median of each round, and batch-`batch` throughput of each runner.
 
     The runners take turns in `rounds` rounds; in each, a runner makes a few re-warm calls and then its share of the
@@ -63,21 +64,29 @@ def time_runners(runners: dict, resolution: int, batch: int, repeats: int, warmu
     (onnxruntime's workers ~40 ms, a whole core; OpenMP and TBB less), and a runner timed inside another's spin
     window shares the cores with it (onnxruntime int8 right after onnxruntime fp32: 3.2 ms instead of 1.8).
     Throughput is timed in the first `throughput_rounds` rounds.
+
+    `inputs`: (single, batched) to call the runners with instead of random [1 | batch, 3, R, R] arrays, e.g. an
+    image for end-to-end runners; batched None times no throughput (images_per_s is then None).
     """
-    x1 = np.random.default_rng(0).standard_normal((1, 3, resolution, resolution), dtype=np.float32)
-    xb = np.random.default_rng(1).standard_normal((batch, 3, resolution, resolution), dtype=np.float32)
+    if inputs is None:
+        inputs = (np.random.default_rng(0).standard_normal((1, 3, resolution, resolution), dtype=np.float32),
+                  np.random.default_rng(1).standard_normal((batch, 3, resolution, resolution), dtype=np.float32))
+    x1, xb = inputs
+    if xb is None:
+        throughput_rounds = 0
     for run in runners.values():
         time.sleep(settle)
         for _ in range(warmup):
             run(x1)
-        run(xb)
+        if xb is not None:
+            run(xb)
     rounds = max(1, min(rounds, repeats))
-    throughput_rounds = max(1, min(throughput_rounds, rounds))
+    throughput_rounds = max(1, min(throughput_rounds, rounds)) if throughput_rounds else 0
     times = {name: [] for name in runners}
     per_round = {name: [] for name in runners}
     busy = dict.fromkeys(runners, 0.0)
     calls = max(1, -(-repeats // rounds))
-    runs = max(1, -(-max(3, repeats // 10) // throughput_rounds))
+    runs = max(1, -(-max(3, repeats // 10) // throughput_rounds)) if throughput_rounds else 0
     for r in range(rounds):
         for name, run in runners.items():
             time.sleep(settle)
@@ -100,7 +109,8 @@ def time_runners(runners: dict, resolution: int, batch: int, repeats: int, warmu
     for name in runners:
         ms = sorted(times[name])
         out[name] = {"median_ms": statistics.median(ms), "p90_ms": ms[min(len(ms) - 1, int(0.9 * len(ms)))],
-                     "round_ms": per_round[name], "images_per_s": batch * runs * throughput_rounds / busy[name]}
+                     "round_ms": per_round[name],
+                     "images_per_s": batch * runs * throughput_rounds / busy[name] if throughput_rounds else None}
     return out
 
 
@@ -147,9 +157,9 @@ def measure(model_name: str = "mobilenet_v2", width: float = 1.0, resolution: in
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{result['model']} {result['width']:g} @{result['resolution']} ({result['madds'] / 1e6:.0f}M MAdds), "
+    lines = [(f"{result['model']} {result['width']:g} @{result['resolution']} ({result['madds'] / 1e6:.0f}M MAdds), "
              f"{result['threads']} threads; latency at batch 1 ({result['repeats']} runs), throughput at batch "
-             f"{result['batch']}",
+             f"{result['batch']}"),
              f"{'backend':<18} {'median ms':>10} {'p90 ms':>8} {'images/s':>9} {'vs torchvision':>15}"]
     for r in result["rows"]:
         speed = f"{r['speedup']:.2f}x" if r["speedup"] else "-"

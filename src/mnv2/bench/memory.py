@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import UserError
+from .report import cpu_name
 
 # The profiler's C++ side (kineto) logs start/stop lines on stderr at its default level; keep CLI output clean.
 os.environ.setdefault("KINETO_LOG_LEVEL", "99")
@@ -109,19 +110,9 @@ def run(width: float = 1.0, resolutions=(224, 1024), splits=(1, 2, 3, 4, 5, 6), 
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "threads": threads, "width": width,
             "allocator": allocator_in_use(), "split_kernels": native.status(),
             "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-            f"{_cpu_name()}", "warmup": warmup, "load_average_at_start": load}
+            f"{cpu_name()}", "warmup": warmup, "load_average_at_start": load}
     return {"meta": meta, "results": results, "targets": _targets(results)}
 
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 _UNSPLIT = ("folded", "folded channels_last", "t-split t=1")

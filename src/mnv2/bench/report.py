@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import re
 import tempfile
 from pathlib import Path
@@ -20,3 +21,15 @@ def replace_section(path: str | Path, heading: str, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(new.rstrip("\n") + "\n")
     os.replace(tmp, path)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), for the machine line of a benchmark section."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="latency and throughput per backend, or peak memory (--memory), beside "
-                       "torchvision's eager mobilenet_v2 in the same run",
+                       "torchvision's eager mobilenet_v2 (a detector: its ssdlite320_mobilenet_v3_large) in the "
+                       "same run",
                        description="Benchmark inference. Default: median / p90 latency at batch 1 and images/s at "
-                       "--batch for each backend. --memory: measured peak activation memory and latency of the "
-                       "section 5.1 t-split executor for t = 1..6.")
+                       "--batch for each backend. A detector (--model ssdlite_mobilenet_v2): end-to-end latency at "
+                       "batch 1 from a 640x480 image to boxes (preprocessing, network, decode + NMS) per backend, "
+                       "beside torchvision's SSDLite, and each fp32 network alone against the compute floor. "
+                       "--memory: measured peak activation memory and latency of the section 5.1 t-split executor "
+                       "for t = 1..6.")
     p.add_argument("--model", default="mobilenet_v2")
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--weights", metavar="FILE", default=None,
                    help="benchmark this .safetensors model instead of random weights (latency mode)")
-    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--resolution", type=int, default=None, help="input side (default 224; a detector: 320)")
     p.add_argument("--batch", type=int, default=32, help="batch size of the throughput run (default 32)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     p.add_argument("--backends", default=None, help="comma-separated backends (default: every one installed)")
@@ -21,6 +25,11 @@ def register(sub) -> None:
     p.add_argument("--splits", default="1,2,3,4,5,6", help="with --memory: the t values (default 1..6)")
     p.add_argument("--resolutions", default=None, help="with --memory: comma-separated input sizes (default 224,1024)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement")
+    p.add_argument("--score-threshold", type=float, default=None,
+                   help="a detector: our deployment score threshold (default 0.01)")
+    p.add_argument("--nms-boxes", type=int, default=None,
+                   help="a detector with random weights: boxes entering NMS per image, for both detectors "
+                   "(default 1000)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -29,5 +38,17 @@ def run(args) -> int:
     if args.memory:
         from ..bench.memory import main as memory_main
         return memory_main(args)
+    from ..engine.tasks.detection import DETECTORS
+    model = args.model
+    if args.weights:
+        from ..weights import read_config
+        model = read_config(args.weights)["model"]
+    if model in DETECTORS:
+        from ..bench import detection
+        args.resolution = 320 if args.resolution is None else args.resolution
+        args.score_threshold = detection.DEPLOY_THRESHOLD if args.score_threshold is None else args.score_threshold
+        args.nms_boxes = detection.NMS_BOXES if args.nms_boxes is None else args.nms_boxes
+        return detection.main(args)
+    args.resolution = 224 if args.resolution is None else args.resolution
     from ..bench.latency import main as latency_main
     return latency_main(args)

@@ -10,7 +10,7 @@ gives the heads again.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -45,7 +45,8 @@ class DetectionPredictor(Predictor):
     # construction ------------------------------------------------------------------------------------------------
     @classmethod
     def from_model(cls, model: nn.Module, config: dict, backend: str | None = None, threads: int | None = None,
-                   batch_size: int = 8, calib_images: list | None = None) -> DetectionPredictor:
+                   batch_size: int = 8, calib_images: list | None = None,
+                   graph: Callable[[], bytes] | None = None) -> DetectionPredictor:
         """A predictor for a detector and its config (as stored with its weights); default backend torch-fast.
 
         The ONNX backends run the graph `mnv2 export` writes, at a static batch of one image: the dynamo exporter
@@ -56,7 +57,8 @@ class DetectionPredictor(Predictor):
         if calib_images:
             from .quantize import CalibrationReader
             calibration = lambda: CalibrationReader.from_images(calib_images, spec.preprocess)
-        graph = lambda: detection_onnx(model, config, spec, dynamic_batch=False).SerializeToString()
+        # `graph`: the serialised batch-1 graph, for callers that build several ONNX backends from one export
+        graph = graph or (lambda: detection_onnx(model, config, spec, dynamic_batch=False).SerializeToString())
         runner = build_backend(name, model, spec.resolution, threads, calibration, graph)
         static = name not in ("torch", "torch-fast", "torch-compile")
         return cls(runner, name, spec, batch_size, fixed_batch=1 if static else None)
