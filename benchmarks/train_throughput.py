@@ -189,19 +189,25 @@ def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} CPUs"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def argument_parser(description: str, variants: list[str]) -> argparse.ArgumentParser:
+    """The flags every training-throughput script takes (the parent's and its children's)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--variant", default="fast")
-    p.add_argument("--variants", nargs="+", default=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=variants)
     p.add_argument("--width", type=float)
     p.add_argument("--res", type=int)
     p.add_argument("--batch", type=int)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--cases", default="all", help="'all', '224' or '96'")
     p.add_argument("--no-write", action="store_true", help="print only; do not touch BENCHMARKS.md")
+    return p
+
+
+def main() -> None:
+    p = argument_parser(__doc__, VARIANTS)
+    p.add_argument("--cases", default="all", help="'all', '224' or '96'")
     args = p.parse_args()
     if args.child:
         return child(args)

@@ -22,13 +22,21 @@ goes: the phases of DetectionTask.loss timed one by one, and torch.profiler's to
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from train_throughput import TABLE_HEAD, child_report, machine, run_variants, table_rows, timed_steps, variant_setup
+from train_throughput import (
+    TABLE_HEAD,
+    argument_parser,
+    child_report,
+    machine,
+    run_variants,
+    table_rows,
+    timed_steps,
+    variant_setup,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {"paper": (1.0, 320, 24, 80), "small": (0.5, 128, 32, 8)}
@@ -155,20 +163,10 @@ def markdown(results, args) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--variant", default="fast")
-    p.add_argument("--variants", nargs="+", default=VARIANTS)
-    p.add_argument("--width", type=float)
-    p.add_argument("--res", type=int)
-    p.add_argument("--batch", type=int)
+    p = argument_parser(__doc__, VARIANTS)
     p.add_argument("--classes", type=int)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cases", default="all", choices=["all", *CASES])
     p.add_argument("--profile", action="store_true", help="each child also prints where a step's time goes")
-    p.add_argument("--no-write", action="store_true", help="print only; do not touch BENCHMARKS.md")
     args = p.parse_args()
     if args.child:
         return child(args)

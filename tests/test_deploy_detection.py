@@ -247,7 +247,6 @@ def test_openvino_backend_from_a_run(data, run_dir):
                      _predict_json("--run", run_dir, "--backend", "openvino", *images))
 
 
-@pytest.mark.slow
 def test_int8_export_reports_fp32_and_int8_ap(data, detector, run_dir, tmp_path):
     root, val = data
     out = tmp_path / "int8.onnx"
@@ -293,7 +292,6 @@ def test_bad_detector_export_arguments_are_one_line(data, run_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
 def test_dynamic_batch_graph_detects_each_image_as_alone(data, detector, exported, tmp_path):
     model, config = detector
     dynamic = export_detector(model, config, tmp_path / "dyn.onnx", dynamic_batch=True)

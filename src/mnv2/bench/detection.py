@@ -39,7 +39,7 @@ from torch import nn
 
 from ..analysis import count_madds
 from ..errors import UserError
-from .latency import BASELINE, set_bn_statistics, time_runners
+from .latency import BASELINE, common_options, set_bn_statistics, time_runners
 
 DEPLOY_THRESHOLD = 0.01  # our score threshold in the bench: a deployment one (the config's 1e-8 is for COCO eval)
 NMS_BOXES = 1000  # boxes entering NMS per image, for both detectors (on the bench image)
@@ -227,17 +227,11 @@ def matmul_gflops(threads: int, n: int = 2048, repeats: int = 8) -> float:
 
 # --- the benchmark ---------------------------------------------------------------------------------------------------
 
-def _predictor(name: str, model: nn.Module, config: dict, threads: int, graph, calib: list):
-    """DetectionPredictor.from_model's predictor at batch 1, on a graph exported once for every ONNX backend."""
-    from ..deploy.detect import DetectionPredictor
-
-    return DetectionPredictor.from_model(model, config, name, threads, batch_size=1, calib_images=calib, graph=graph)
-
-
 def build_runners(model: nn.Module, config: dict, backends: list[str], threads: int, calib: list,
                   x: np.ndarray) -> dict:
     """{row name: callable(image)}: each backend end to end, the network alone of each fp32 backend (on the already
     preprocessed `x`), then the stages around the network alone (`STAGES`)."""
+    from ..deploy.detect import DetectionPredictor
     from ..deploy.export_detection import DetectorSpec, detection_onnx
     from ..deploy.runtime import build_backend
 
@@ -253,7 +247,8 @@ def build_runners(model: nn.Module, config: dict, backends: list[str], threads: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in backends:
-            predictor = _predictor(name, model, config, threads, graph, calib)
+            predictor = DetectionPredictor.from_model(model, config, name, threads, batch_size=1,
+                                                      calib_images=calib, graph=graph)
             runners[name] = lambda image, p=predictor: p.predict_images([image])
         for name in backends:
             if name in FP32_BACKENDS:
@@ -362,12 +357,7 @@ def format_table(result: dict) -> str:
 
 def main(args) -> int:
     """`mnv2 bench --model <a detector>`."""
-    if args.resolution < 32:
-        raise UserError(f"--resolution must be at least 32, got {args.resolution}")
-    threads = args.threads or torch.get_num_threads()
-    if threads < 1:
-        raise UserError(f"--threads must be at least 1, got {threads}")
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+    threads, backends = common_options(args)
     model, config, width = None, None, args.width
     if getattr(args, "weights", None):
         from ..weights import load_model

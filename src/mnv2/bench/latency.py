@@ -168,16 +168,21 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> int:
-    """`mnv2 bench` without --memory."""
+def common_options(args) -> tuple[int, list[str] | None]:
+    """(threads, backends or None for every installed one) from `mnv2 bench`'s flags, the resolution checked."""
     if args.resolution < 32:
         raise UserError(f"--resolution must be at least 32, got {args.resolution}")
-    if args.batch < 1:
-        raise UserError(f"--batch must be at least 1, got {args.batch}")
     threads = args.threads or torch.get_num_threads()
     if threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+    return threads, [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+
+
+def main(args) -> int:
+    """`mnv2 bench` without --memory."""
+    if args.batch < 1:
+        raise UserError(f"--batch must be at least 1, got {args.batch}")
+    threads, backends = common_options(args)
     model, name, width = None, args.model, args.width
     if getattr(args, "weights", None):
         from ..weights import load_model

@@ -176,9 +176,7 @@ class OpenVinoBackend:
         return [np.array(out[i], copy=True) for i in range(len(self.model.outputs))]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        out = self._request(x.shape).infer({0: x}, share_inputs=True, share_outputs=True)[0]
-        return np.array(out, copy=True)
+        return self.outputs(x)[0]
 
 
 def fast_module(model: nn.Module) -> nn.Module:
