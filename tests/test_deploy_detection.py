@@ -289,6 +289,8 @@ def test_bad_detector_export_arguments_are_one_line(data, run_dir, tmp_path):
     assert_one_line_error(r, "no COCO 'val' split found", str(tmp_path / "nowhere"))
     r = mnv2_inprocess("export", "--run", str(run_dir), "--out", str(tmp_path / "a.onnx"), "--val-data", str(root))
     assert_one_line_error(r, "--val-data", "--int8")
+    r = mnv2_inprocess("export", "--model", "ssdlite_mobilenet_v2", "--out", str(tmp_path / "a.onnx"))
+    assert_one_line_error(r, "--model ssdlite_mobilenet_v2", "--run")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -79,6 +79,11 @@ def run(args) -> int:
     if args.int8:  # check the images before spending time on the export
         from ..deploy.preprocess import list_images
         calib = list_images(args.calib)
+    if args.model is not None:
+        from ..engine.tasks.detection import DETECTORS
+        if args.model in DETECTORS:  # its class names, input size and NMS settings come with trained weights
+            raise UserError(f"--model {args.model}: a detector is exported from a run or weights file (--run / "
+                            "--weights), which carry its classes, input size and post-processing")
     model, config = load_source(args.run, args.weights, args.model, args.width, args.num_classes)
     if config.get("task") == "detection":
         from .export_detection import run_detector
