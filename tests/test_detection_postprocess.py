@@ -26,8 +26,14 @@ def reference_postprocess(logits, deltas, anchors, image_size, kind, score_thres
     return boxes[keep] * torch.tensor([width, height, width, height]), scores[keep], labels[keep]
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native-nms", "torchvision-nms-per-row"])
 @pytest.mark.parametrize("kind", ["sigmoid", "softmax"])
-def test_equals_batched_nms_written_out(kind):
+def test_equals_batched_nms_written_out(kind, native, monkeypatch):
+    from mnv2 import native as native_kernels
+    if native and not native_kernels.available():
+        pytest.skip(f"native kernels unavailable: {native_kernels.status()}")
+    if not native:  # the path where the kernels cannot be built: one torchvision.ops.nms per row
+        monkeypatch.setattr(native_kernels, "_state", {"ok": False, "why": "turned off by the test"})
     g = torch.Generator().manual_seed(0)
     anchors = ssd_anchors(128)  # 330 anchors
     logits = torch.randn(2, len(anchors), 4, generator=g) * 2

@@ -101,3 +101,25 @@ def test_split_block_equals_expand_depthwise_project(t):
         [db[i] for i in cuts], [pw[:, i].t().contiguous() for i in cuts], pb, _geometry(h, w, 3, 1, 1, 1),
         [0.0, 6.0, 0.0, 6.0, -float("inf"), float("inf")], True)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2])
+def test_nms_rows_equals_torchvision_nms_per_row(threads):
+    """Per-row NMS in one call equals torchvision.ops.nms on each row, score ties included."""
+    from torchvision.ops import nms
+
+    torch.set_num_threads(threads)
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        rows, k = 37, 60
+        xy = torch.rand(rows, k, 2, generator=g) * 0.8
+        boxes = torch.cat([xy, xy + torch.rand(rows, k, 2, generator=g) * 0.3 + 1e-3], -1)
+        scores = (torch.rand(rows, k, generator=g) * 10).round() / 10  # many ties
+        got = torch.ops.mnv2_native.nms_rows(boxes, scores, 0.45, 0.15)
+        expected = torch.zeros_like(got)
+        for r in range(rows):
+            cand = (scores[r] > 0.15).nonzero().squeeze(1)
+            expected[r, cand[nms(boxes[r, cand], scores[r, cand], 0.45)]] = True
+        assert torch.equal(got, expected), seed
+        assert got.any() and not got.all()

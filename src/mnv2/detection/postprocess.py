@@ -24,12 +24,19 @@ def nms_rows(boxes: Tensor, scores: Tensor, iou_threshold: float, score_threshol
     coordinate-offset trick of `batched_nms`, whose float32 rounding grows with the number of classes. A custom op so
     that the ONNX exporter sees one node: it becomes ONNX NonMaxSuppression, one batch per row (mnv2.deploy.detection).
     """
+    if scores.device.type == "cpu" and _native():  # every row in one call: 0.1 ms instead of ~80 us per row
+        return torch.ops.mnv2_native.nms_rows(boxes, scores, iou_threshold, score_threshold)
     keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     for row in range(scores.shape[0]):
         candidates = (scores[row] > score_threshold).nonzero().squeeze(1)
         if len(candidates):
             keep[row, candidates[nms(boxes[row, candidates], scores[row, candidates], iou_threshold)]] = True
     return keep
+
+
+def _native() -> bool:
+    from .. import native
+    return native.available()
 
 
 @nms_rows.register_fake
@@ -56,9 +63,10 @@ def select_detections(cls_logits: Tensor, box_deltas: Tensor, anchors_cxcywh: Te
     boxes = clip_boxes_to_image(box_coder.decode(box_deltas, anchors), (1, 1))
     # Each class's best k anchors; candidate slot c * k + rank holds class c + 1's rank-th anchor.
     k = min(candidates_per_class, num_anchors)
-    top_scores, top_anchors = scores.topk(k, dim=1)  # [N, k, C]
-    top_scores = top_scores.transpose(1, 2).reshape(batch, num_classes * k)
-    top_anchors = top_anchors.transpose(1, 2).reshape(batch, num_classes * k)
+    # (top-k along the contiguous last axis: ONNX Runtime's TopK over a strided axis took 1.8 ms of 2.8 here)
+    top_scores, top_anchors = scores.transpose(1, 2).contiguous().topk(k, dim=2)  # [N, C, k]
+    top_scores = top_scores.reshape(batch, num_classes * k)
+    top_anchors = top_anchors.reshape(batch, num_classes * k)
     candidates = boxes.gather(1, top_anchors.unsqueeze(-1).expand(-1, -1, 4))  # [N, C * k, 4]
     keep = nms_rows(candidates.reshape(-1, k, 4), top_scores.reshape(-1, k), iou_threshold, score_threshold)
     keep = keep.reshape(batch, num_classes * k) & (top_scores > score_threshold)
