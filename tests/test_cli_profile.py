@@ -75,3 +75,65 @@ def test_profile_table5_beside_paper():
     assert abs(ssd["prediction_madds_320"] / 1e9 - ssd["paper_madds_b"]) < 0.01
     assert round(lite["total_params"] / 1e6, 1) == data["table6_paper"]["paper_params_m"] == 4.3
     assert round(lite["total_madds_320"] / 1e9, 1) == data["table6_paper"]["paper_madds_b"] == 0.8
+
+
+def test_profile_deeplab_json_equals_counters():
+    from mnv2 import create_model
+    from mnv2.analysis import count_madds, count_params
+    r = mnv2("profile", "deeplabv3_mobilenet_v2", "--resolution", "129", "--output-stride", "8", "--aspp",
+             "--per-layer", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    model = create_model("deeplabv3_mobilenet_v2", output_stride=8, aspp=True)
+    assert data["num_classes"] == 21 and data["output_stride"] == 8
+    assert data["params"] == count_params(model) == 4_523_541
+    assert data["madds"] == count_madds(model, 129) == sum(layer["madds"] for layer in data["layers"])
+    rates = [layer["kind"] for layer in data["layers"] if layer["name"].startswith("aspp.")]
+    assert rates == ["conv 1x1", "conv 3x3 d12", "conv 3x3 d24", "conv 3x3 d36"]
+    r = mnv2("profile", "deeplabv3_mobilenet_v2", "--output-stride", "32")
+    assert r.returncode == 2 and "output_stride must be 8 or 16" in r.stderr and "Traceback" not in r.stderr
+
+
+def _table7_json(capsys, *args) -> dict:
+    from mnv2.cli.main import main
+    assert main(["profile", "--table7", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_profile_table7_rows_without_aspp(capsys, monkeypatch):
+    """--table7's numbers on the paper's two MNet V2* rows without ASPP (every row is printed: the test below)."""
+    from mnv2 import create_model
+    from mnv2.analysis import count_madds
+    from mnv2.paper import reference
+    rows = {k: v for k, v in reference.TABLE7.items() if (k[0] == "MNet V2*" and not k[2]) or k[0] == "ResNet-101"}
+    monkeypatch.setattr(reference, "TABLE7", rows)
+    data = _table7_json(capsys)
+    single, mf, *resnet = data["rows"]
+    assert (single["output_stride"], single["mf"], mf["output_stride"], mf["mf"]) == (16, False, 8, True)
+    assert single["params"] == mf["params"] == 2_113_557 and round(single["params"] / 1e6, 2) == 2.11
+    assert single["madds"] == count_madds(create_model("deeplabv3_mobilenet_v2"), 512)
+    # MF: 12 passes (6 scales and their flips) of ~17.4 single-scale passes' worth of pixels
+    assert 2 * 8.6 < mf["madds"] / count_madds(create_model("deeplabv3_mobilenet_v2", output_stride=8), 512) < 2 * 8.7
+    # the footnote's account: at 512 we are 5% (OS 16) and 2.5% (MF) under the paper; at TF's 513 crop within 0.4%
+    assert 0.94 < single["madds"] / 1e9 / single["paper_madds_b"] < 0.95
+    assert 0.97 < mf["madds"] / 1e9 / mf["paper_madds_b"] < 0.98
+    for row in (single, mf):
+        assert abs(row["madds_513"] / 1e9 / row["paper_madds_b"] - 1) < 0.004
+        assert row["madds_513"] <= row["madds_513_tf_atrous"] < 1.002 * row["madds_513"]  # depthwise only: tiny
+    assert [r["network"] for r in resnet] == ["ResNet-101"] * 2 and all("params" not in r for r in resnet)
+
+
+def test_profile_table7_prints_every_row():
+    from mnv2.paper import reference
+    r = mnv2("profile", "--table7")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for (network, stride, aspp, mf), (miou, params, madds) in reference.TABLE7.items():
+        row = [line for line in lines if line.startswith(f"{network:<10} {stride:>2} {'yes' if aspp else '':>4} "
+                                                          f"{'yes' if mf else '':>3} {miou:>6.2f}")]
+        assert len(row) == 1, (network, stride, aspp, mf)
+        cells = row[0].split()
+        assert f"{params:.2f}M" in cells and f"{madds:g}B" in cells
+        if network != "ResNet-101":  # ours equals the paper's params at its precision
+            assert cells.count(f"{params:.2f}M") == 2
+    assert "513 TF atrous" in r.stdout and "941.9B" in r.stdout  # the footnote explains the differences

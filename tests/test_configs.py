@@ -17,7 +17,8 @@ RECIPES = sorted(recipes_dir().glob("*.yaml"))
 def test_recipes_exist():
     names = {p.name for p in RECIPES}
     assert {"demo.yaml", "imagenet_mnv2_1.0_224.yaml", "imagenet_mnv2_1.0_224_tv2.yaml", "demo_detection.yaml",
-            "coco_ssdlite_mnv2.yaml", "coco_ssdlite_mnv2_tv.yaml"} <= names
+            "coco_ssdlite_mnv2.yaml", "coco_ssdlite_mnv2_tv.yaml", "demo_segmentation.yaml",
+            "voc_deeplabv3_mnv2.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
@@ -32,12 +33,15 @@ def test_recipe_builds(path: Path):
     opt = build_optimizer(model, cfg.optim)
     sched = build_schedule(opt, cfg.schedule, steps_per_epoch=100, epochs=cfg.train.epochs)
     assert opt.param_groups[0]["lr"] == pytest.approx(cfg.optim.lr * sched.lr_lambdas[0](0))
-    assert 32 <= cfg.data.resolution <= 512 and (cfg.data.eval_resolution or cfg.data.resolution) >= 32
+    assert 32 <= cfg.data.resolution <= 513 and (cfg.data.eval_resolution or cfg.data.resolution) >= 32
     if cfg.task == "detection":
         from mnv2.detection import ssd_anchors
         layout = cfg.model.kwargs.get("anchor_layout", "tf")
         cls, box = model.eval()(torch.zeros(1, 3, 64, 64))  # any size works; keep the test fast
         assert cls.shape == (1, len(ssd_anchors(64, layout=layout)), 81) and box.shape[-1] == 4
+    elif cfg.task == "segmentation":
+        out = model.eval()(torch.zeros(1, 3, 40, 56))  # any size: per-pixel logits at the input's size
+        assert out.shape == (1, 1000, 40, 56)
     else:
         out = model.eval()(torch.zeros(1, 3, 32, 32))  # the network is fully convolutional; keep the test fast
         assert out.shape == (1, 1000)
@@ -55,6 +59,18 @@ def test_detection_recipes_are_their_sources():
     tv = load_config(recipes_dir() / "coco_ssdlite_mnv2_tv.yaml")
     assert (tv.optim.name, tv.optim.lr, tv.schedule.name, tv.detection.loss) == ("sgd", 0.15, "cosine", "softmax")
     assert tv.model.kwargs["anchor_layout"] == "torchvision"
+
+
+def test_voc_recipe_is_tf_deeplabs():
+    """PAPER.md section 9: the on-device model (MNet V2*, OS 16, no ASPP) on train_aug, crop 513, random scale
+    0.5-2.0, flip, poly schedule with power 0.9, weight decay 4e-5, a batch that trains BN (>= 12)."""
+    cfg = load_config(recipes_dir() / "voc_deeplabv3_mnv2.yaml")
+    assert (cfg.task, cfg.model.name, cfg.model.kwargs) == (
+        "segmentation", "deeplabv3_mobilenet_v2", {"output_stride": 16, "aspp": False})
+    assert (cfg.data.train_split, cfg.data.val_split, cfg.data.resolution, cfg.data.rescale) == (
+        "train_aug", "val", 513, (0.5, 2.0))
+    assert (cfg.schedule.name, cfg.schedule.power, cfg.optim.weight_decay) == ("poly", 0.9, 4e-5)
+    assert cfg.train.batch_size >= 12 and cfg.model.dropout == 0.1
 
 
 def test_paper_recipe_is_the_paper_s():

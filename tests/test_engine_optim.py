@@ -93,6 +93,21 @@ def test_cosine_schedule_with_warmup():
     assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 16)))
 
 
+def test_poly_schedule_is_deeplabs():
+    """DeepLab's poly: lr * (1 - step / total) ** 0.9, after the warm-up, reaching zero at the last step."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.5)
+    sched = build_schedule(opt, ScheduleConfig(name="poly", power=0.9), steps_per_epoch=10, epochs=4)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.5)
+    assert lrs[10] == pytest.approx(0.5 * (1 - 10 / 40) ** 0.9)
+    assert lrs[39] == pytest.approx(0.5 * (1 / 40) ** 0.9)
+    assert all(a > b for a, b in itertools.pairwise(lrs))
+
+
 def test_ema_follows_weights():
     model = nn.Linear(2, 1, bias=False)
     nn.init.zeros_(model.weight)

@@ -17,6 +17,7 @@ VARIANTS = [(name, {}) for name in list_models()] + [
     ("mobilenet_v1", {"width_mult": 0.5}),
     ("ssdlite_mobilenet_v2", {"width_mult": 0.35, "anchor_layout": "torchvision"}),
     ("ssdlite_mobilenet_v2", {"heads": "ssd", "image_size": 300}),
+    ("deeplabv3_mobilenet_v2", {"output_stride": 8, "aspp": True, "feature": "head"}),
 ]
 
 
@@ -29,6 +30,9 @@ def test_forward_backward(name, kwargs):
         from mnv2.detection import ssd_anchors
         anchors = len(ssd_anchors(96, layout=model.anchor_layout))
         assert [o.shape for o in out] == [(2, anchors, 6), (2, anchors, 4)]
+    elif out.dim() == 4:  # a segmenter: per-pixel class logits at the input's size
+        assert out.shape == (2, 5, 96, 96)
+        out = (out,)
     else:
         assert out.shape == (2, 5)
         out = (out,)

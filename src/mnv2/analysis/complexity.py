@@ -24,7 +24,8 @@ def _input(model: nn.Module, input_size: int | tuple[int, int], batch: int = 1) 
     h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
     p = next(model.parameters(), None)
     dtype = p.dtype if p is not None else torch.float32
-    return torch.zeros(batch, 3, h, w, dtype=dtype)
+    # On the model's device: a model built on the meta device is counted from shapes alone, without arithmetic.
+    return torch.zeros(batch, 3, h, w, dtype=dtype, device=p.device if p is not None else None)
 
 
 @torch.no_grad()

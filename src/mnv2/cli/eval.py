@@ -10,22 +10,27 @@ from ..errors import UserError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate trained or imported weights: top-1 / top-5 / loss, or COCO AP",
+    p = sub.add_parser("eval", help="evaluate trained or imported weights: top-1 / top-5 / loss, COCO AP, or mIoU",
                        description="Evaluate a run (its best weights, and its EMA weights when present) or a weights "
                        "file. A classifier is evaluated on DIR/<split>/<class>/* (top-1, top-5, loss); a detector on "
-                       "the COCO-format split (the twelve COCOeval numbers, pycocotools). The preprocessing is the "
+                       "the COCO-format split (the twelve COCOeval numbers, pycocotools); a segmentation model on the VOC-layout split "
+                       "(mIoU, per-class IoU, pixel accuracy at full resolution; --scales/--flip for MF). The preprocessing is the "
                        "one stored with the weights, so imported torchvision / timm / Keras weights are evaluated the "
                        "way they were trained. Without --data, a run is evaluated on the data it was trained on.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", metavar="RUN_DIR", help="a run directory written by `mnv2 train`")
     src.add_argument("--weights", metavar="FILE", help="a .safetensors weights file with its mnv2 config")
-    p.add_argument("--data", metavar="DIR", help="ImageFolder root (default for --run: the run's data)")
-    p.add_argument("--split", default="val", help="split folder under DIR (default val)")
+    p.add_argument("--data", metavar="DIR", help="ImageFolder, COCO or VOC root (default for --run: the run's data)")
+    p.add_argument("--split", default=None, help="split: a folder under DIR for a classifier, COCO's or VOC's split "
+                   "name otherwise (default: val, or the run's own val split)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="data loading worker processes")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--save-detections", metavar="FILE.json", help="detector: write the best weights' detections as "
                    "a COCO results file (original category ids, [x, y, w, h] pixels)")
+    p.add_argument("--scales", metavar="S1,S2,...", help="segmentation: evaluate at these input scales and average "
+                   "the probabilities (the paper's MF: 0.5,0.75,1.0,1.25,1.5,1.75 with --flip); default 1.0")
+    p.add_argument("--flip", action="store_true", help="segmentation: also average left-right flipped inputs")
     p.set_defaults(func=run)
 
 
@@ -35,12 +40,19 @@ def run(args) -> int:
     from ..weights import load_model, read_config
 
     files = _weights_files(args)
-    if read_config(next(iter(files.values()))).get("task", "classification") == "detection":
+    task = read_config(next(iter(files.values()))).get("task", "classification")
+    if args.save_detections and task != "detection":
+        raise UserError(f"--save-detections is for detectors; these weights are a {task} model's")
+    if (args.scales or args.flip) and task != "segmentation":
+        raise UserError(f"--scales / --flip are for segmentation models; these weights are a {task} model's")
+    if task == "detection":
         from .eval_detection import run_detection
         return run_detection(args, files)
-    if args.save_detections:
-        raise UserError("--save-detections is for detectors; these weights are a classifier's")
+    if task == "segmentation":
+        from .eval_segmentation import run_segmentation
+        return run_segmentation(args, files)
     data = _data_root(args)
+    args.split = args.split or "val"
     results = {}
     for label, path in files.items():
         meta = read_config(path)

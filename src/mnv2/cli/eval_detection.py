@@ -31,6 +31,7 @@ def run_detection(args, files: dict[str, Path]) -> int:
     else:
         base = Config(task="detection")
     root = _data_root(args, task="detection")
+    args.split = args.split or base.data.val_split
     results, saved = {}, None
     for label, path in files.items():
         model, meta = load_model(path)

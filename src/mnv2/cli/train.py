@@ -10,23 +10,26 @@ from pathlib import Path
 from ..errors import UserError
 
 DEFAULT_DATA = Path("data") / "shapes"  # the embedded dataset is written here when --data is not given
-DEFAULT_CONFIGS = {"classification": "demo.yaml", "detection": "demo_detection.yaml"}  # recipe without --config
+DEFAULT_CONFIGS = {"classification": "demo.yaml", "detection": "demo_detection.yaml",
+                   "segmentation": "demo_segmentation.yaml"}  # recipe without --config
 
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "train", help="train a MobileNetV2 classifier or SSDLite detector (no arguments: the embedded demo)",
+        "train", help="train a MobileNetV2 classifier, SSDLite detector or DeepLabv3 segmenter (no arguments: the "
+        "embedded demo)",
         description="Train a classifier on an ImageFolder (DIR/train/<class>/*, DIR/val/<class>/*) or, with --task "
         "detection, an SSDLite detector on COCO-format data (DIR/{train,val}2017/ + DIR/annotations/"
         "instances_{train,val}2017.json, or any files through --set data.train_images=... data.train_annotations=..."
-        "). Without --data: the embedded 'shapes' dataset (written to ./data/shapes if missing). Settings come from "
+        ") or, with --task segmentation, Mobile DeepLabv3 on PASCAL VOC 2012 (DIR/VOCdevkit/VOC2012, + SBD in "
+        "DIR/benchmark_RELEASE for train_aug). Without --data: the embedded 'shapes' dataset (written to ./data/shapes if missing). Settings come from "
         "the dataclass defaults, then --config YAML (default: the task's demo recipe), then the flags, then --set "
         "overrides. Works unchanged under `torchrun --nproc_per_node N -m mnv2.cli.main train ...` (DDP).")
-    p.add_argument("--task", choices=("classification", "detection"),
+    p.add_argument("--task", choices=("classification", "detection", "segmentation"),
                    help="what to train (default: the recipe's task, classification)")
     p.add_argument("--config", metavar="YAML", help="recipe: a path, or a name in the package's configs/ "
                    "(e.g. imagenet_mnv2_1.0_224.yaml); default demo.yaml")
-    p.add_argument("--data", metavar="DIR", help="dataset root: an ImageFolder with train/ and val/, or COCO "
+    p.add_argument("--data", metavar="DIR", help="dataset root: an ImageFolder with train/ and val/, COCO, or VOC "
                    "(default: the embedded shapes data)")
     p.add_argument("--model", help="registered model name (model.name)")
     p.add_argument("--width", type=float, help="width multiplier alpha (model.width)")

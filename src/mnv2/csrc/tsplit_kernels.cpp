@@ -7,7 +7,8 @@
 //   depthwise_nhwc  a depthwise convolution over channels_last rows, bias and clamp fused, with the activation of its
 //                   input (the expansion's bias + ReLU6) applied as it reads: the expansion is then one plain matrix
 //                   multiply and the wide slice is written once. 3x3 filters (every MobileNetV2 depthwise) keep their
-//                   nine weights in vector registers and skip bounds checks inside the image.
+//                   nine weights in vector registers and skip bounds checks inside the image, dilated ones too (the
+//                   atrous backbone of Mobile DeepLabv3, paper section 6.3: rates 2 and 4, stride 1).
 //   split_block     a whole bottleneck, every slice: expand (matrix multiply), depthwise, accumulate the projection --
 //                   one call from Python per block instead of three per slice.
 // Both are inference-only and float32; tsplit.py keeps its PyTorch path for everything else.
@@ -98,9 +99,9 @@ void dw_row_generic(const DwArgs& a, int64_t n, int64_t oh, int64_t c0) {
   }
 }
 
-// The same for a 3x3 filter, dilation 1, stride S: the nine weights live in registers and the columns whose taps all
-// fall inside the image (all but the first and last) run without bounds checks.
-template <int V, int S, bool kInAct>
+// The same for a 3x3 filter, stride S, dilation D: the nine weights live in registers and the columns whose taps all
+// fall inside the image (all but the first and last D or so) run without bounds checks.
+template <int V, int S, int D, bool kInAct>
 void dw_row_3x3(const DwArgs& a, int64_t n, int64_t oh, int64_t c0) {
   using T = typename Vec<V>::T;
   const DwGeom& g = a.g;
@@ -111,7 +112,7 @@ void dw_row_3x3(const DwArgs& a, int64_t n, int64_t oh, int64_t c0) {
   const float* rows[3];
   bool valid[3];
   for (int i = 0; i < 3; ++i) {
-    const int64_t ih = oh * S - g.ph + i;
+    const int64_t ih = oh * S - g.ph + i * D;
     valid[i] = ih >= 0 && ih < a.H;
     rows[i] = a.in + (n * a.H + (valid[i] ? ih : 0)) * a.W * a.ldi + c0;
   }
@@ -121,7 +122,7 @@ void dw_row_3x3(const DwArgs& a, int64_t n, int64_t oh, int64_t c0) {
     for (int i = 0; i < 3; ++i) {
       if (!valid[i]) continue;
       for (int j = 0; j < 3; ++j) {
-        const int64_t iw = ow * S - g.pw + j;
+        const int64_t iw = ow * S - g.pw + j * D;
         if (iw >= 0 && iw < a.W) acc += tap(rows[i] + iw * a.ldi) * w[i * 3 + j];
       }
     }
@@ -129,14 +130,14 @@ void dw_row_3x3(const DwArgs& a, int64_t n, int64_t oh, int64_t c0) {
   };
   int64_t first = 0, last = g.wo;  // interior columns: [first, last)
   while (first < g.wo && first * S - g.pw < 0) ++first;
-  while (last > first && (last - 1) * S - g.pw + 2 >= a.W) --last;
+  while (last > first && (last - 1) * S - g.pw + 2 * D >= a.W) --last;
   for (int64_t ow = 0; ow < first; ++ow) edge(ow);
   if (valid[0] && valid[1] && valid[2]) {
     for (int64_t ow = first; ow < last; ++ow) {
       T acc = b;
       for (int i = 0; i < 3; ++i) {
         const float* p = rows[i] + (ow * S - g.pw) * a.ldi;
-        acc += tap(p) * w[i * 3] + tap(p + a.ldi) * w[i * 3 + 1] + tap(p + 2 * a.ldi) * w[i * 3 + 2];
+        acc += tap(p) * w[i * 3] + tap(p + D * a.ldi) * w[i * 3 + 1] + tap(p + 2 * D * a.ldi) * w[i * 3 + 2];
       }
       Vec<V>::store(orow + ow * a.C, clampv(acc, lo, hi));
     }
@@ -150,10 +151,15 @@ void dw_row_3x3(const DwArgs& a, int64_t n, int64_t oh, int64_t c0) {
 template <int V, bool kInAct>
 void dw_row_block(const DwArgs& a, int64_t n, int64_t oh, int64_t c0) {
   const DwGeom& g = a.g;
-  if (g.kh == 3 && g.kw == 3 && g.dh == 1 && g.dw == 1 && g.sh == g.sw && g.sh == 1)
-    dw_row_3x3<V, 1, kInAct>(a, n, oh, c0);
-  else if (g.kh == 3 && g.kw == 3 && g.dh == 1 && g.dw == 1 && g.sh == g.sw && g.sh == 2)
-    dw_row_3x3<V, 2, kInAct>(a, n, oh, c0);
+  const bool square = g.kh == 3 && g.kw == 3 && g.sh == g.sw && g.dh == g.dw;
+  if (square && g.sh == 1 && g.dh == 1)
+    dw_row_3x3<V, 1, 1, kInAct>(a, n, oh, c0);
+  else if (square && g.sh == 2 && g.dh == 1)
+    dw_row_3x3<V, 2, 1, kInAct>(a, n, oh, c0);
+  else if (square && g.sh == 1 && g.dh == 2)  // the atrous backbone: rate 2 (OS 16 and 8), 4 (OS 8)
+    dw_row_3x3<V, 1, 2, kInAct>(a, n, oh, c0);
+  else if (square && g.sh == 1 && g.dh == 4)
+    dw_row_3x3<V, 1, 4, kInAct>(a, n, oh, c0);
   else
     dw_row_generic<V, kInAct>(a, n, oh, c0);
 }

@@ -13,7 +13,9 @@ if TYPE_CHECKING:  # for readers and type checkers; at run time, see __getattr__
     from .images import BadImageError, load_image
     from .loader import build_classification_loader
     from .synthetic import ensure_demo_dataset, write_dataset
+    from .segmentation_transforms import segmentation_collate, segmentation_eval_preset, segmentation_train_preset
     from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_preset, mixup_cutmix, train_preset
+    from .voc import SegmentationDataset, find_voc, folder_samples, segmentation_samples
 
 _EXPORTS = {
     "CocoDetection": "coco", "find_coco_split": "coco",
@@ -25,6 +27,9 @@ _EXPORTS = {
     "ensure_demo_dataset": "synthetic", "write_dataset": "synthetic",
     "IMAGENET_MEAN": "transforms", "IMAGENET_STD": "transforms", "eval_preset": "transforms",
     "mixup_cutmix": "transforms", "train_preset": "transforms",
+    "segmentation_collate": "segmentation_transforms", "segmentation_eval_preset": "segmentation_transforms",
+    "segmentation_train_preset": "segmentation_transforms",
+    "SegmentationDataset": "voc", "find_voc": "voc", "folder_samples": "voc", "segmentation_samples": "voc",
 }
 __all__ = [
     "IMAGENET_MEAN",
@@ -33,6 +38,7 @@ __all__ = [
     "BadImageReport",
     "CocoDetection",
     "ImageFolderDataset",
+    "SegmentationDataset",
     "build_classification_loader",
     "detection_collate",
     "detection_eval_preset",
@@ -40,8 +46,14 @@ __all__ = [
     "ensure_demo_dataset",
     "eval_preset",
     "find_coco_split",
+    "find_voc",
+    "folder_samples",
     "load_image",
     "mixup_cutmix",
+    "segmentation_collate",
+    "segmentation_eval_preset",
+    "segmentation_samples",
+    "segmentation_train_preset",
     "train_preset",
     "write_dataset",
 ]

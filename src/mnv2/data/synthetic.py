@@ -6,7 +6,8 @@
   image; category ids have gaps like COCO's (1..90 for 80 classes), so code that assumes contiguous ids fails here.
 - segment: PASCAL VOC, `segment/JPEGImages/*.jpg`, `segment/SegmentationClass/*.png` (palette PNGs with the VOC colour
   map: 0 background, 1..K classes, 255 "void" on object boundaries as VOC marks them),
-  `segment/ImageSets/Segmentation/{train,val}.txt`.
+  `segment/ImageSets/Segmentation/{train,val}.txt`, and `segment/labels.txt` (the class names, background first, one
+  per line), which `voc.find_voc` reads in place of VOC's 21 names.
 
 Image i of a task is drawn from `numpy.random.default_rng((seed, task, i))`, so the files are a pure function of
 (task, images, size, seed): the same arguments give byte-identical files (with the same NumPy, Pillow and libjpeg
@@ -32,7 +33,7 @@ from .shapes import CLASSES, Scene, classification_scene, multi_object_scene
 TASKS = ("classify", "detect", "segment")
 CATEGORY_IDS = (1, 2, 3, 5, 7, 8, 10, 13)  # one per class in CLASSES; gaps on purpose, as in COCO
 MARKER = ".mnv2-complete.json"
-_FORMAT_VERSION = 2  # bump when the drawing changes: demo folders written by older code are redone
+_FORMAT_VERSION = 3  # bump when the files change: demo folders written by older code are redone (3: labels.txt)
 _JPEG_QUALITY = 90
 _VAL_EVERY = 5  # every 5th image goes to val: an 80/20 split
 
@@ -226,7 +227,7 @@ def _write_segment(root: Path, images: int, size: int, seed: int) -> None:
         ids["val" if _is_val(i) else "train"].append(stem)
     for split, names in ids.items():
         (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("".join(f"{n}\n" for n in names))
-    (root / "classes.txt").write_text("".join(f"{n}\n" for n in ("background", *CLASSES)))
+    (root / "labels.txt").write_text("".join(f"{n}\n" for n in ("background", *CLASSES)))
 
 
 _WRITERS = {"classify": _write_classify, "detect": _write_detect, "segment": _write_segment}

@@ -30,6 +30,8 @@ from torch import nn
 
 from .. import native
 from ..models.blocks import Conv2dSame, ConvBNAct, InvertedResidual, _same_pad
+from ..models.deeplab import DeepLabV3
+from ..models.mobilenetv2 import MobileNetV2
 from .fold import fold_bn
 
 
@@ -320,6 +322,38 @@ def _is_pointwise(conv: nn.Conv2d) -> bool:
     return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and not isinstance(conv, Conv2dSame)
 
 
+def _folded_for_split(model: nn.Module, t: int) -> nn.Module:
+    """`model` BN-folded and frozen, after checking that it can be split."""
+    if t < 1:
+        raise ValueError(f"t must be a positive integer, got {t}")
+    if getattr(model, "shortcut", "bottleneck") == "expansion":
+        raise ValueError("tsplit: the 'expansion' shortcut ablation adds wide tensors across blocks and cannot be "
+                         "split; use shortcut='bottleneck' or 'none'")
+    folded = fold_bn(model)
+    for p in folded.parameters():
+        p.requires_grad_(False)
+    return folded
+
+
+def _split_body(folded: nn.Module, t: int) -> nn.Sequential:
+    """A BN-folded MobileNetV2's stem and bottlenecks as split ops. Dilated depthwise filters (an atrous backbone,
+    paper section 6.3) are part of N and split like any other: each slice keeps its channels' dilation and padding."""
+    blocks = list(folded.blocks)
+    if not all(isinstance(b, InvertedResidual) for b in blocks):
+        raise ValueError("tsplit expects a MobileNetV2 (blocks of InvertedResidual)")
+    ops: list[nn.Module] = []
+    first = blocks[0]
+    if first.expand is None and not first.use_residual:
+        # Table 3 caption: stem conv (A) + first block's depthwise (N) + projection (B) as one split op.
+        ops.append(SplitBottleneck(folded.stem, first.dw, first.project, False, t))
+        blocks = blocks[1:]
+    else:
+        ops.append(folded.stem)
+    for b in blocks:
+        ops.append(SplitBottleneck(b.expand, b.dw, b.project, b.use_residual, t))
+    return nn.Sequential(*ops)
+
+
 class TSplitMobileNetV2(nn.Module):
     """A MobileNetV2 whose bottlenecks (and stem + first block) run as t-way split sums; same outputs as the model.
 
@@ -328,44 +362,81 @@ class TSplitMobileNetV2(nn.Module):
 
     def __init__(self, model: nn.Module, t: int):
         super().__init__()
-        if t < 1:
-            raise ValueError(f"t must be a positive integer, got {t}")
-        if getattr(model, "shortcut", "bottleneck") == "expansion":
-            raise ValueError("tsplit: the 'expansion' shortcut ablation adds wide tensors across blocks and cannot be "
-                             "split; use shortcut='bottleneck' or 'none'")
-        folded = fold_bn(model)
-        for p in folded.parameters():
-            p.requires_grad_(False)
+        folded = _folded_for_split(model, t)
         self.t = t
-        blocks = list(folded.blocks)
-        if not all(isinstance(b, InvertedResidual) for b in blocks):
-            raise ValueError("tsplit expects a MobileNetV2 (blocks of InvertedResidual)")
-        ops: list[nn.Module] = []
-        first = blocks[0]
-        if first.expand is None and not first.use_residual:
-            # Table 3 caption: stem conv (A) + first block's depthwise (N) + projection (B) as one split op.
-            ops.append(SplitBottleneck(folded.stem, first.dw, first.project, False, t))
-            blocks = blocks[1:]
-        else:
-            ops.append(folded.stem)
-        for b in blocks:
-            ops.append(SplitBottleneck(b.expand, b.dw, b.project, b.use_residual, t))
-        self.body = nn.Sequential(*ops)
-        self.head = PointwiseHead(folded.head)  # head conv + global pool: the model's `head` and `pool`
+        self.body = _split_body(folded, t)
+        # head conv + global pool: the model's `head` and `pool` (a model without the last conv pools the last block)
+        self.head = PointwiseHead(folded.head) if folded.head is not None else None
         self.dropout, self.classifier = folded.dropout, folded.classifier
         self.eval()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self.head.feature_map(self.body(x))
+            f = self.body(x)
+            return f if self.head is None else self.head.feature_map(f)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self.classifier(self.dropout(self.head(self.body(x))))
+            f = self.body(x)
+            pooled = f.mean((2, 3)) if self.head is None else self.head(f)
+            return self.classifier(self.dropout(pooled))
+
+
+class TSplitBackbone(nn.Module):
+    """A BN-folded MobileNetV2 backbone's last maps through the split executor, behind the backbone's `forward_taps`:
+    the last bottleneck's output and, when the backbone has it, the 1x1 head conv's. Earlier taps are not offered (the
+    split ops do not stop at them)."""
+
+    def __init__(self, folded: nn.Module, t: int):
+        super().__init__()
+        self.body = _split_body(folded, t)
+        self.head = PointwiseHead(folded.head) if folded.head is not None else None
+        taps = folded.feature_taps
+        # The declared taps end with the last stage's output, then "head" when the last conv exists.
+        self.last_block_tap = taps[-2].name if self.head is not None else taps[-1].name
+        self.feature_taps = tuple(t for t in taps if t.name in (self.last_block_tap, "head"))
+
+    def forward_taps(self, x: torch.Tensor, names) -> dict[str, torch.Tensor]:
+        known = {t.name for t in self.feature_taps}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise KeyError(f"unknown feature tap(s) {unknown}; the split backbone has {sorted(known)}")
+        out = {self.last_block_tap: self.body(x)}
+        if "head" in names:
+            out["head"] = self.head.feature_map(out[self.last_block_tap])
+        return {n: out[n] for n in names}
+
+
+class TSplitDeepLab(nn.Module):
+    """Mobile DeepLabv3 with its MobileNetV2 backbone on the split executor (paper section 5.1 on the atrous
+    backbone of section 6.3); the head runs as the BN-folded model's, whole (section 5.1 splits bottlenecks: the
+    head's branches and their concatenation are materialised as in the model). Same outputs as the model; inference
+    only."""
+
+    def __init__(self, model: nn.Module, t: int):
+        super().__init__()
+        folded = _folded_for_split(model, t)
+        if not isinstance(folded.backbone, MobileNetV2):
+            raise TypeError(f"tsplit needs bottleneck blocks (a MobileNetV2 backbone), not a "
+                             f"{type(folded.backbone).__name__}: its layers have no inner tensor to split")
+        self.t = t
+        folded.backbone = TSplitBackbone(folded.backbone, t)  # the copy's backbone: `model` is left untouched
+        self.model = folded.eval()
+
+    def forward_logits_at_stride(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.forward_logits_at_stride(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(x)
 
 
 def tsplit(model: nn.Module, t: int) -> nn.Module:
-    """`model` (a MobileNetV2, any width / padding / output stride) with BN folded and every bottleneck computed as
-    the t-way split sum of paper section 5.1. t runs from 1 to an op's inner width; an op narrower than t is split
-    into one-channel slices. The input may be in either memory format; activations run channels_last."""
+    """`model` with BN folded and every bottleneck computed as the t-way split sum of paper section 5.1: a MobileNetV2
+    (any width / padding / output stride), or a Mobile DeepLabv3 on one (its backbone split, dilated depthwise
+    filters included; the segmentation head unchanged). t runs from 1 to an op's inner width; an op narrower than t is
+    split into one-channel slices. The input may be in either memory format; activations run channels_last."""
+    if isinstance(model, DeepLabV3):
+        return TSplitDeepLab(model, t)
     return TSplitMobileNetV2(model, t)

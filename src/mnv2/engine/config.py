@@ -49,14 +49,19 @@ class DataConfig:
     num_workers: int = 2
     on_bad_image: str = "error"  # "error" stops naming the file; "skip" goes on and reports at the end
     # Detection: COCO-format files anywhere (default: root's COCO 2017 layout, or the embedded shapes layout).
+    # Segmentation: a folder of images and one of index-PNG masks paired by file stem, optionally listed in a file.
     train_images: str | None = None
     train_annotations: str | None = None
+    train_list: str | None = None
     val_images: str | None = None
     val_annotations: str | None = None
+    val_list: str | None = None
     # Detection: SSD augmentation (random IoU crop, zoom-out up to this factor, photometric distortion) + hflip.
     iou_crop: bool = True
     zoom_out: float = 4.0  # 1.0 = off
     photometric: bool = True
+    # Segmentation: random rescale of the whole image by a factor in this range, then pad + crop to `resolution`.
+    rescale: tuple[float, float] = (0.5, 2.0)
 
 
 @dataclass
@@ -86,7 +91,8 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "exponential"  # exponential | cosine | constant
+    name: str = "exponential"  # exponential | cosine | poly | constant
+    power: float = 0.9  # poly: lr * (1 - step / total) ** power (DeepLab)
     gamma: float = 0.98  # exponential: lr *= gamma every `decay_epochs` epochs (paper section 5)
     decay_epochs: float = 1.0
     warmup_epochs: float = 0.0  # linear warm-up from warmup_start * lr

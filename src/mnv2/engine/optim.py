@@ -81,15 +81,16 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
 
 class LRFactor:
-    """The learning-rate multiplier at optimizer step `step`: linear warm-up, then exponential or cosine decay.
+    """The learning-rate multiplier at optimizer step `step`: linear warm-up, then exponential, cosine or poly decay.
 
-    Exponential decay is a staircase per `decay_epochs` as in TF-Slim (paper: x0.98 per epoch); cosine and warm-up
-    move every step. A plain class (not a lambda) so it is rebuilt from the config, never pickled.
+    Exponential decay is a staircase per `decay_epochs` as in TF-Slim (paper: x0.98 per epoch); cosine, poly and
+    warm-up move every step. A plain class (not a lambda) so it is rebuilt from the config, never pickled.
     """
 
     def __init__(self, cfg: ScheduleConfig, steps_per_epoch: int, epochs: int):
-        if cfg.name not in ("exponential", "cosine", "constant"):
-            raise UserError(f"schedule.name: unknown schedule {cfg.name!r} (choose exponential, cosine or constant)")
+        if cfg.name not in ("exponential", "cosine", "poly", "constant"):
+            raise UserError(f"schedule.name: unknown schedule {cfg.name!r} (choose exponential, cosine, poly or "
+                            f"constant)")
         self.cfg, self.steps_per_epoch = cfg, max(1, steps_per_epoch)
         self.total = max(1, epochs * self.steps_per_epoch)
         self.warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
@@ -103,6 +104,9 @@ class LRFactor:
         if cfg.name == "cosine":
             t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
             return cfg.min_lr + (1 - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+        if cfg.name == "poly":
+            t = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+            return cfg.min_lr + (1 - cfg.min_lr) * (1 - t) ** cfg.power
         return 1.0
 
 

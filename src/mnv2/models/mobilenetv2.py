@@ -44,13 +44,15 @@ class MobileNetV2(Classifier):
         padding: "torch" (symmetric) or "tf" (TensorFlow 'SAME' on strided convs) for TF-trained weights.
         bn_eps: BatchNorm epsilon (1e-5 in PyTorch, 1e-3 in TF / Keras).
         round_nearest: channel divisor.
+        head_conv: False leaves out the last 1x1 conv (1280 channels): features end at the 320-channel output of the
+            last bottleneck, the backbone of Mobile DeepLabv3's "MNet V2*" (paper section 6.3).
     """
 
     def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.2,
                  expand_ratio: float | None = None, bottleneck_act: BottleneckAct = "linear",
                  shortcut: Shortcut = "bottleneck", output_stride: int = 32, padding: Padding = "torch",
                  bn_eps: float = 1e-5, round_nearest: int = 8,
-                 setting: Sequence[tuple[float, int, int, int]] = TABLE_2):
+                 setting: Sequence[tuple[float, int, int, int]] = TABLE_2, head_conv: bool = True):
         super().__init__()
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
@@ -87,10 +89,11 @@ class MobileNetV2(Classifier):
             taps.append(FeatureTap(f"stage{stage}", current_stride, out_ch))
             self._stage_ends[len(blocks) - 1] = f"stage{stage}"
         self.blocks = nn.Sequential(*blocks)
-        self.head = ConvBNAct(in_ch, head_ch, 1, bn_eps=bn_eps)
-        taps.append(FeatureTap("head", current_stride, head_ch))
+        self.head = ConvBNAct(in_ch, head_ch, 1, bn_eps=bn_eps) if head_conv else None
+        if head_conv:
+            taps.append(FeatureTap("head", current_stride, head_ch))
         self.feature_taps: tuple[FeatureTap, ...] = tuple(taps)
-        self._build_head(head_ch, num_classes, dropout)
+        self._build_head(taps[-1].channels, num_classes, dropout)
         init_weights(self)
 
     def _run_blocks(self, x: torch.Tensor, taps: set[str] | None = None, out: dict | None = None) -> torch.Tensor:
@@ -109,8 +112,9 @@ class MobileNetV2(Classifier):
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The 1280-channel (at alpha <= 1) map before global pooling."""
-        return self.head(self._run_blocks(self.stem(x)))
+        """The 1280-channel (at alpha <= 1) map before global pooling (the last bottleneck's without `head_conv`)."""
+        x = self._run_blocks(self.stem(x))
+        return x if self.head is None else self.head(x)
 
     def forward_taps(self, x: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """The requested feature maps (names from `feature_taps`), from one pass through the network."""

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..errors import UserError
+from .deeplab import deeplabv3_mobilenet_v1, deeplabv3_mobilenet_v2
 from .mobilenetv1 import MobileNetV1
 from .mobilenetv2 import MobileNetV2
 from .shufflenet import shufflenet_v1
@@ -45,3 +46,5 @@ register_model("mobilenet_v2", MobileNetV2)
 register_model("mobilenet_v1", MobileNetV1)
 register_model("shufflenet_v1", shufflenet_v1)  # ShuffleNet 2x, g=3 by default (paper Tables 3, 4)
 register_model("ssdlite_mobilenet_v2", SSDLite)  # paper section 6.2, Tables 5-6
+register_model("deeplabv3_mobilenet_v2", deeplabv3_mobilenet_v2)  # paper section 6.3, Table 7 (MNet V2*)
+register_model("deeplabv3_mobilenet_v1", deeplabv3_mobilenet_v1)  # Table 7's MNet V1 rows

@@ -56,3 +56,20 @@ TABLE6 = {
     "MNet V1 + SSDLite": (22.2, 5.1, 1.3, 270),
     "MNet V2 + SSDLite": (22.1, 4.3, 0.8, 200),
 }
+
+# Paper Table 7 (section 6.3, PASCAL VOC 2012 val): (network, output stride, ASPP, MF) -> (mIoU %, params in millions,
+# multiply-adds in billions). MF = multi-scale inputs + left-right flips; "MNet V2*" = the heads on the 320-channel
+# output of the last bottleneck. The paper's inputs are 512 x 512 (TF DeepLab evaluates 513 x 513 crops).
+TABLE7 = {
+    ("MNet V1", 16, True, False): (75.29, 11.15, 14.25),
+    ("MNet V1", 8, True, True): (78.56, 11.15, 941.9),
+    ("MNet V2*", 16, True, False): (75.70, 4.52, 5.8),
+    ("MNet V2*", 8, True, True): (78.42, 4.52, 387),
+    ("MNet V2*", 16, False, False): (75.32, 2.11, 2.75),
+    ("MNet V2*", 8, False, True): (77.33, 2.11, 152.6),
+    ("ResNet-101", 16, True, False): (80.49, 58.16, 81.0),
+    ("ResNet-101", 8, True, True): (82.70, 58.16, 4870.6),
+}
+# The MF input scales (each also flipped left-right) and the model each Table 7 network is here (ResNet-101: none).
+TABLE7_MF_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+TABLE7_MODELS = {"MNet V1": "deeplabv3_mobilenet_v1", "MNet V2*": "deeplabv3_mobilenet_v2"}

@@ -41,8 +41,9 @@ class Task(Protocol):
 
 
 TASKS = {"classification": ("classification", "ClassificationTask"),
-         "detection": ("detection", "DetectionTask")}
-DEMO_DATA = {"classification": "classify", "detection": "detect"}  # the embedded dataset each task trains on
+         "detection": ("detection", "DetectionTask"),
+         "segmentation": ("segmentation", "SegmentationTask")}
+DEMO_DATA = {"classification": "classify", "detection": "detect", "segmentation": "segment"}  # the embedded dataset each task trains on
 
 
 def build_task(cfg: Config, data_root: Path) -> Task:
