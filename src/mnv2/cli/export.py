@@ -1,4 +1,5 @@
-"""`mnv2 export`: a model to one self-contained ONNX file (BN folded, checked against PyTorch), optionally int8."""
+"""`mnv2 export`: a model to one self-contained ONNX file (BN folded, checked against PyTorch), optionally int8.
+Detectors continue in cli/export_detection.py, segmentation models in cli/export_segmentation.py."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ def add_source_args(p, onnx: bool = False) -> None:
 def register(sub) -> None:
     from ..deploy.export import DEFAULT_OPSET
     from ..deploy.quantize import CALIBRATION_METHODS, DEFAULT_METHOD
-    p = sub.add_parser("export", help="export a classifier or detector to ONNX (BN folded, verified), optionally "
-                       "int8",
+    p = sub.add_parser("export", help="export a classifier, detector or segmentation model to ONNX (BN folded, "
+                       "verified), optionally int8",
                        description="Export a classifier to one .onnx file with BN folded into the convolutions. The "
                        "graph is run with onnxruntime and compared with PyTorch (max |difference| <= 1e-4) before the "
                        "file is written; preprocessing and class names are stored in its metadata. --int8 writes a "
@@ -35,12 +36,17 @@ def register(sub) -> None:
                        "reports its top-1 agreement with the fp32 model on held-out images from the same folder. A "
                        "detector's graph also decodes the boxes and runs per-class NMS (outputs boxes, scores, labels, "
                        "count; --raw: the two heads only); its --int8 quantises the network, keeps NMS fp32 and, with "
-                       "--val-data, reports COCO AP of fp32 and int8.")
+                       "--val-data, reports COCO AP of fp32 and int8. A segmentation model's graph takes images of any "
+                       "size ([N, 3, H, W] -> logits [N, C, H, W]; --resolution fixes H = W), is checked at two sizes, "
+                       "calibrates on the --calib images at their own sizes and, with --val-data, reports mIoU of "
+                       "fp32 and int8.")
     add_source_args(p)
     p.add_argument("--format", choices=["onnx"], default="onnx", help="output format (onnx)")
     p.add_argument("--resolution", type=int, default=None,
-                   help="input size (default: the model's own, else 224)")
-    p.add_argument("--dynamic-batch", action="store_true", help="leave the batch dimension free (default: batch 1)")
+                   help="input size (default: the model's own, else 224); segmentation: fix the graph's height and "
+                   "width to this square size, images then stretched to it (default: any size)")
+    p.add_argument("--dynamic-batch", action="store_true", help="leave the batch dimension free (default: batch 1; a "
+                   "segmentation graph's batch is always free)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= 17 (default {DEFAULT_OPSET})")
     p.add_argument("--out", required=True, metavar="FILE.onnx", help="output file (written atomically)")
     p.add_argument("--int8", action="store_true", help="write an int8 model (needs --calib)")
@@ -52,8 +58,9 @@ def register(sub) -> None:
                    help=f"with --int8: activation range calibration (default {DEFAULT_METHOD})")
     p.add_argument("--raw", action="store_true", help="detector: export the network's two heads only (class "
                    "logits, box deltas), without decoding and NMS in the graph")
-    p.add_argument("--val-data", metavar="DIR", help="detector with --int8: a COCO-layout folder whose val split "
-                   "measures COCO AP of the fp32 and int8 graphs")
+    p.add_argument("--val-data", metavar="DIR", help="with --int8: a detector's COCO-layout folder whose val split "
+                   "measures COCO AP of the fp32 and int8 graphs; a segmentation model's VOC-layout folder whose val "
+                   "split measures mIoU as `mnv2 eval` does")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for checking and calibration")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
@@ -81,15 +88,23 @@ def run(args) -> int:
         calib = list_images(args.calib)
     if args.model is not None:
         from ..engine.tasks.detection import DETECTORS
+        from ..engine.tasks.segmentation import SEGMENTERS
         if args.model in DETECTORS:  # its class names, input size and NMS settings come with trained weights
             raise UserError(f"--model {args.model}: a detector is exported from a run or weights file (--run / "
                             "--weights), which carry its classes, input size and post-processing")
+        if args.model in SEGMENTERS:
+            raise UserError(f"--model {args.model}: a segmentation model is exported from a run or weights file "
+                            "(--run / --weights), which carry its classes and normalisation")
     model, config = load_source(args.run, args.weights, args.model, args.width, args.num_classes)
     if config.get("task") == "detection":
         from .export_detection import run_detector
         return run_detector(args, model, config, out, calib)
+    if config.get("task") == "segmentation":
+        from .export_segmentation import run_segmenter
+        return run_segmenter(args, model, config, out, calib)
     if args.raw or args.val_data:
-        raise UserError(f"{'--raw' if args.raw else '--val-data'} is for detectors; this model is a classifier")
+        raise UserError(f"{'--raw' if args.raw else '--val-data'} is for detectors and segmentation models; this "
+                        "model is a classifier")
     if not args.int8:
         report = export_onnx(model, config, out, args.resolution, args.dynamic_batch, args.opset)
         result = {"out": str(out), "resolution": report.resolution, "opset": report.opset,

@@ -1,5 +1,6 @@
-"""`mnv2 predict`: classify images, or detect objects in them and draw the boxes, with a run, a weights file or an
-exported .onnx, on any inference backend."""
+"""`mnv2 predict`: classify images, detect objects in them and draw the boxes, or segment them and write the masks,
+with a run, a weights file or an exported .onnx, on any inference backend. Detection and segmentation models are
+recognised from their weights or metadata ("task"); segmentation runs in cli/predict_segmentation.py."""
 
 from __future__ import annotations
 
@@ -11,22 +12,28 @@ from .export import add_source_args
 
 def register(sub) -> None:
     from ..deploy.runtime import BACKENDS
-    p = sub.add_parser("predict", help="classify images (top-k labels) or detect objects (boxes, drawn)",
+    p = sub.add_parser("predict", help="classify images (top-k labels), detect objects (boxes, drawn) or segment "
+                       "them (class masks)",
                        description="Classify images with a trained model (--run / --weights) or an exported .onnx "
                        "file (--onnx), using the model's own eval preprocessing and class names; the default backend "
                        "is the fastest one installed. With a detector: list the boxes (original-image pixels, class "
-                       "name, score) and with --out draw them on each image.")
+                       "name, score) and with --out draw them on each image. With a segmentation model: list the "
+                       "classes present in each image with their pixel fractions and with --out write DIR/<name>.png "
+                       "(the class-index mask, VOC palette) and DIR/<name>_overlay.jpg (the mask over the image).")
     add_source_args(p, onnx=True)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")
     p.add_argument("--backend", choices=BACKENDS, default=None, help="inference backend (default: fastest installed; "
-                   "torch-fast for a detector's run or weights; the -int8 backends need an int8 .onnx from `mnv2 "
-                   "export --int8`)")
+                   "torch-fast for a detector's or segmentation model's run or weights; the -int8 backends need an "
+                   "int8 .onnx from `mnv2 export --int8`)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    p.add_argument("--resolution", type=int, default=None, help="with --run / --weights: input size override")
+    p.add_argument("--resolution", type=int, default=None, help="with --run / --weights: input size override; "
+                   "segmentation: run every image stretched to this square size, the mask resized back (default: "
+                   "each image at its own size)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--out", metavar="DIR", help="detector: write each image with its boxes drawn to DIR/<name>.png")
+    p.add_argument("--out", metavar="DIR", help="detector: write each image with its boxes drawn to DIR/<name>.png; "
+                   "segmentation: write DIR/<name>.png (mask) and DIR/<name>_overlay.jpg")
     p.add_argument("--score-threshold", type=float, default=0.3,
                    help="detector: list and draw boxes scoring at least this (default 0.3)")
     p.set_defaults(func=run)
@@ -39,10 +46,15 @@ def run(args) -> int:
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     options = {"backend": args.backend, "threads": args.threads, "batch_size": args.batch_size}
-    if _is_detector(args):
+    task = _task(args)
+    if task == "detection":
         return _detect(args, options)
+    if task == "segmentation":
+        from .predict_segmentation import run_segmentation
+        return run_segmentation(args, options)
     if args.out:
-        raise UserError("--out draws a detector's boxes; this model is a classifier")
+        raise UserError("--out draws a detector's boxes or writes a segmentation model's masks; this model is a "
+                        "classifier")
     if args.onnx:
         if args.resolution is not None:
             raise UserError("--resolution cannot change an exported .onnx file's input size; export it again")
@@ -62,18 +74,19 @@ def run(args) -> int:
     return 0
 
 
-def _is_detector(args) -> bool:
+def _task(args) -> str | None:
+    """"detection", "segmentation", or None (a classifier), from the weights' config or the .onnx metadata."""
     from pathlib import Path
 
     from ..weights import read_config
     if args.onnx:
         from ..deploy.export import META_TASK
         from ..deploy.runtime import inspect_onnx
-        return inspect_onnx(args.onnx)[1].get(META_TASK) == "detection"
+        return inspect_onnx(args.onnx)[1].get(META_TASK)
     path = Path(args.run) / "best.safetensors" if args.run else Path(args.weights)
     if args.run and not path.is_file():
-        return False  # load_source names what is missing
-    return read_config(path).get("task") == "detection"
+        return None  # load_source names what is missing
+    return read_config(path).get("task")
 
 
 def _detect(args, options: dict) -> int:

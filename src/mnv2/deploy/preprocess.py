@@ -1,7 +1,7 @@
 """What a deployed model needs besides its weights: eval preprocessing, class names, and image loading.
 
 The preprocessing travels with the model (safetensors header, ONNX metadata_props), so an exported file alone is enough
-to classify images (or detect objects in them) the way the model was evaluated.
+to classify images (detect objects in them, segment them) the way the model was evaluated.
 """
 
 from __future__ import annotations
@@ -20,14 +20,16 @@ from ..errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-_RESIZES = ("crop", "stretch")
+_RESIZES = ("crop", "stretch", "none")
 
 
 @dataclass(frozen=True)
 class Preprocess:
     """Eval preprocessing: resize the short side to resolution / crop_fraction, centre-crop, normalise (resize
     "crop", classifiers); or the whole image resized to resolution x resolution, normalised (resize "stretch", SSD
-    detectors: TF's fixed_shape_resizer, the detection eval preset).
+    detectors: TF's fixed_shape_resizer, the detection eval preset); or normalise only, the image at its own size
+    (resize "none", segmentation models, which are evaluated at each image's full resolution: `resolution` is then
+    the training crop, kept for calibration and fixed-size deployment, and not applied).
 
     crop_fraction 0.875 is the 224/256 centre crop that torchvision and TF-Slim evaluate ImageNet with.
     """
@@ -49,8 +51,8 @@ class Preprocess:
             raise UserError(f"crop_fraction must be in (0, 1], got {self.crop_fraction}")
         if self.resize not in _RESIZES:
             raise UserError(f"unknown resize {self.resize!r}; expected one of {_RESIZES}")
-        if self.resize == "stretch" and self.interpolation != "bilinear":
-            raise UserError(f"resize 'stretch' (the detection eval preset) is bilinear, got {self.interpolation!r}")
+        if self.resize != "crop" and self.interpolation != "bilinear":
+            raise UserError(f"resize {self.resize!r} is bilinear, got {self.interpolation!r}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         # The training code's eval preset: the model sees at deployment exactly what it saw in evaluation.
@@ -60,6 +62,12 @@ class Preprocess:
             from ..data.detection_transforms import detection_eval_preset
             # on the uint8 tensor, as CocoDetection hands it to the preset in evaluation (PIL's resize differs)
             transform = v2.Compose([v2.PILToTensor(), detection_eval_preset(self.resolution, self.mean, self.std)])
+        elif self.resize == "none":
+            from torchvision.transforms import v2
+
+            from ..data.segmentation_transforms import segmentation_eval_preset
+            # the segmentation eval preset itself, on the uint8 image as SegmentationDataset hands it over
+            transform = v2.Compose([v2.ToImage(), segmentation_eval_preset(self.mean, self.std), _plain_tensor])
         else:
             transform = eval_preset(self.resolution, crop_fraction=self.crop_fraction, mean=self.mean, std=self.std,
                                     interpolation=self.interpolation)
@@ -80,8 +88,16 @@ class Preprocess:
         return d if self.resize == "crop" else {**d, "resize": self.resize}  # classifier metadata as it always was
 
     def __call__(self, images: list) -> torch.Tensor:
-        """A float batch [N, 3, R, R] from image paths or PIL images."""
-        return torch.stack([self._transform(load_image(im)) for im in images])
+        """A float batch [N, 3, R, R] from image paths or PIL images (resize "none": [N, 3, H, W], images of one
+        size)."""
+        tensors = [self._transform(load_image(im)) for im in images]
+        if len({tuple(t.shape) for t in tensors}) > 1:
+            raise UserError("images of different sizes cannot share a batch without a resize; batch them by size")
+        return torch.stack(tensors)
+
+
+def _plain_tensor(t: torch.Tensor) -> torch.Tensor:
+    return t.as_subclass(torch.Tensor)
 
 
 def load_image(image) -> Image.Image:

@@ -2,7 +2,8 @@
 
 QDQ format with per-channel int8 weights and uint8 activations (the U8S8 pairing onnxruntime's x86 kernels are built
 for), calibrated on the user's images through the model's own eval preprocessing. Dynamic quantisation is not offered:
-it leaves convolutions in fp32 and is slower than fp32 for a convnet (PERFORMANCE.md).
+it leaves convolutions in fp32 and is slower than fp32 for a convnet (PERFORMANCE.md). A detector is measured by COCO
+AP (`detection_ap`), a segmentation model by mIoU (`segmentation_miou`), fp32 beside int8 on a val split.
 """
 
 from __future__ import annotations
@@ -46,6 +47,31 @@ class CalibrationReader:
         return None if batch is None else {INPUT_NAME: batch}
 
 
+class PerImageCalibrationReader:
+    """A calibration reader that onnxruntime runs one image per statistics pass: `__len__` and `set_range` let
+    `quantize_static` collect, fold into its histograms and drop each image's activations in turn (its
+    `CalibStridedMinMax` option, stride 1, which every calibration method honours).
+
+    For segmentation graphs, whose height and width are free: images calibrate at their own sizes -- the sizes the
+    graph runs at -- which a single pass cannot do, as the histogram calibrators (percentile, entropy) stack all the
+    activations they collect in one pass into one array; and memory holds one image's activations, not all of them
+    (a DeepLabv3 at VOC sizes has ~100 MB of activations per image)."""
+
+    def __init__(self, images: list, preprocess: Preprocess):
+        self.images, self.preprocess = list(images), preprocess
+        self._indices: Iterator[int] = iter(range(len(self.images)))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._indices = iter(range(start_index, min(end_index, len(self.images))))
+
+    def get_next(self) -> dict | None:
+        i = next(self._indices, None)
+        return None if i is None else {INPUT_NAME: self.preprocess([self.images[i]]).numpy()}
+
+
 def split_calibration(images: list, calib_images: int, seed: int = 0) -> tuple[list, list]:
     """(calibration, held-out): a seeded shuffle; at most half of the images calibrate, the rest are held out."""
     if len(images) < 2:
@@ -58,7 +84,8 @@ def split_calibration(images: list, calib_images: int, seed: int = 0) -> tuple[l
     return shuffled[:n], shuffled[n:]
 
 
-def quantize_int8(fp32_model: bytes | str | Path, out: str | Path, reader: CalibrationReader,
+def quantize_int8(fp32_model: bytes | str | Path, out: str | Path,
+                  reader: CalibrationReader | PerImageCalibrationReader,
                   method: str = DEFAULT_METHOD, info: dict | None = None) -> Path:
     """Write the int8 QDQ version of an fp32 ONNX model to `out` (atomically); metadata_props are kept and `info`
     (e.g. calibration count, agreement) is stored under "mnv2.int8". Of a detection graph with post-processing
@@ -83,14 +110,17 @@ def quantize_int8(fp32_model: bytes | str | Path, out: str | Path, reader: Calib
             onnx.save(network, str(src))
         pre = Path(work) / "pre.onnx"
         # Shape inference + graph optimisation first, so every tensor has a known shape and Conv+Clip pairs are
-        # fused before QDQ nodes are placed (onnxruntime's recommended preparation).
-        q.quant_pre_process(str(src), str(pre))
+        # fused before QDQ nodes are placed (onnxruntime's recommended preparation). With free height and width
+        # (segmentation) the symbolic inference cannot prove two branches' sizes equal (e.g. at the concat of the
+        # image-pooling and 1x1 branches) and gives up; auto_merge lets it merge such dims.
+        q.quant_pre_process(str(src), str(pre), auto_merge=_free_size(original))
         quantized = Path(work) / "int8.onnx"
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress to stdout
                 q.quantize_static(str(pre), str(quantized), reader, quant_format=q.QuantFormat.QDQ,
                                   per_channel=True, activation_type=q.QuantType.QUInt8,
-                                  weight_type=q.QuantType.QInt8, calibrate_method=calibrate)
+                                  weight_type=q.QuantType.QInt8, calibrate_method=calibrate,
+                                  extra_options={"CalibStridedMinMax": 1} if hasattr(reader, "set_range") else {})
         except (ValueError, RuntimeError) as e:  # e.g. percentile histograms of near-constant activations
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"int8 calibration ({method}) failed: {first}; try another --calib-method") from None
@@ -103,6 +133,13 @@ def quantize_int8(fp32_model: bytes | str | Path, out: str | Path, reader: Calib
         model.metadata_props.add(key=META_INT8, value=dumps({"method": method, **(info or {})}))
         data = model.SerializeToString()
     return _atomic_write(out, data)
+
+
+def _free_size(proto) -> bool:
+    """Whether the image input's height or width is dynamic."""
+    initializers = {t.name for t in proto.graph.initializer}
+    image = next(i for i in proto.graph.input if i.name not in initializers)
+    return any(not d.HasField("dim_value") for d in image.type.tensor_type.shape.dim[2:])
 
 
 def set_int8_info(path: str | Path, info: dict) -> None:
@@ -176,3 +213,38 @@ def detection_ap(predictors: dict, val_dir: str | Path, batch_size: int = 8) -> 
     metrics = {name: coco_evaluate(dataset.coco, to_coco_results(dets, dataset.category_ids), dataset.image_ids)[0]
                for name, dets in found.items()}
     return metrics, len(dataset)
+
+
+def segmentation_val_data(val_dir: str | Path):
+    """The val split of the segmentation data under `val_dir`, found as `mnv2 eval` finds it (VOC's layout or the
+    shapes set's), as a SegmentationDataset of uint8 images and masks at full resolution; a UserError if absent."""
+    from ..data.voc import SegmentationDataset
+    from ..engine.config import Config
+    from ..engine.tasks.segmentation import SegmentationTask
+
+    task = SegmentationTask(Config(task="segmentation"), Path(val_dir))
+    return SegmentationDataset(task.samples("val"), task.find_class_names())
+
+
+def segmentation_miou(predictors: dict, dataset) -> dict[str, dict]:
+    """{name: segmentation_metrics (mIoU, pixel_acc, per_class, pixels)} of each SegmentationPredictor on `dataset`
+    (`segmentation_val_data`), scored as `mnv2 eval` scores: one confusion matrix over every image at its full
+    resolution, label 255 ignored. Each predictor preprocesses the image itself, so a fixed-size one is measured
+    with its stretch and resize back."""
+    from torchvision.transforms.v2.functional import to_pil_image
+
+    from ..eval.segmentation import confusion_matrix, segmentation_metrics
+
+    first = next(iter(predictors.values()))
+    n = len(first.class_names)
+    if n != dataset.num_classes:
+        raise UserError(f"the model predicts {n} classes but the val data has {dataset.num_classes} "
+                        f"({', '.join(dataset.class_names[:4])}, ...)")
+    confusion = {name: torch.zeros(n, n, dtype=torch.int64) for name in predictors}
+    for i in range(len(dataset)):
+        image, mask = dataset[i]
+        pil = to_pil_image(image)  # the uint8 pixels the eval preset normalises
+        for name, predictor in predictors.items():
+            pred = torch.from_numpy(predictor.predict_images([pil])[0])
+            confusion[name] += confusion_matrix(pred, mask.as_subclass(torch.Tensor), n)
+    return {name: segmentation_metrics(cm, first.class_names) for name, cm in confusion.items()}

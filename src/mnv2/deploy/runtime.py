@@ -1,7 +1,8 @@
 """Inference backends behind one interface, and `Predictor`: images in, top-k (label, name, probability) out.
 
 Backends (all take a float32 NCHW batch; `outputs(x)` returns every output of the model, calling one returns the
-first, a classifier's logits; a detector's outputs are turned into boxes by mnv2.deploy.detect):
+first, a classifier's logits; a detector's outputs are turned into boxes by mnv2.deploy.detect, a segmentation
+model's per-pixel logits into masks by mnv2.deploy.segment):
   torch            eager PyTorch, the reference.
   torch-fast       BN folded (section 3: conv + BN become one conv), channels_last, still eager; a MobileNetV2 runs
                    on the native bottleneck kernels of the section 5.1 executor at t = 1 where they build.
@@ -36,6 +37,7 @@ from .export import (
     META_INT8,
     META_PREPROCESS,
     META_TASK,
+    SEGMENTATION,
     load_source,
     optional_import,
     read_metadata,
@@ -128,6 +130,11 @@ class OpenVinoBackend:
     A graph with a dynamic batch dimension runs on the plugin's dynamic-shape path, which at batch 1 is 7% (int8) to
     12% (fp32) slower than the same graph compiled for a static shape (docs/deploy.md). Compiling takes 0.1-0.4 s,
     so the batch-1 shape is compiled up front and the last few shapes seen are kept.
+
+    A graph whose height and width are free (a segmentation model run at each image's size) is compiled once with
+    its dynamic shape instead: images come in many sizes (VOC val: hundreds), and a compile per size costs more than
+    the dynamic path loses (DeepLabv3 0.35 at 500 x 375, one thread: 0.10-0.15 s to compile a shape, 8.0-9.3 ms per
+    call static, 8.3-10.3 ms dynamic).
     """
 
     SHAPES_KEPT = 4
@@ -148,7 +155,13 @@ class OpenVinoBackend:
                 raise UserError(f"OpenVINO cannot load the model: {str(e).splitlines()[0]}") from None
         self.requests: OrderedDict[tuple[int, ...], object] = OrderedDict()
         dims = list(self.model.inputs[0].get_partial_shape())
-        if all(d.is_static for d in dims[1:]):  # compile now, so that a graph OpenVINO cannot run fails here
+        self.dynamic_request = None
+        if len(dims) == 4 and any(d.is_dynamic for d in dims[2:]):  # free height and width: one dynamic compile
+            try:
+                self.dynamic_request = self.core.compile_model(self.model, "CPU", self.config).create_infer_request()
+            except Exception as e:  # noqa: BLE001 -- OpenVINO raises its own exception types
+                raise UserError(f"OpenVINO cannot compile the model: {str(e).splitlines()[0]}") from None
+        elif all(d.is_static for d in dims[1:]):  # compile now, so that a graph OpenVINO cannot run fails here
             self._request((dims[0].get_length() if dims[0].is_static else 1, *(d.get_length() for d in dims[1:])))
 
     def _request(self, shape: tuple[int, ...]):
@@ -172,7 +185,8 @@ class OpenVinoBackend:
         x = np.ascontiguousarray(x, dtype=np.float32)
         # share_inputs: OpenVINO reads the caller's array instead of copying it (~0.1 ms of a 1.5 ms int8 call);
         # share_outputs: its output buffer is reused by the next call, so the outputs are copied out.
-        out = self._request(x.shape).infer({0: x}, share_inputs=True, share_outputs=True)
+        request = self.dynamic_request if self.dynamic_request is not None else self._request(x.shape)
+        out = request.infer({0: x}, share_inputs=True, share_outputs=True)
         return [np.array(out[i], copy=True) for i in range(len(self.model.outputs))]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -248,6 +262,8 @@ class Predictor:
                    batch_size: int = 8, resolution: int | None = None, calib_images: list | None = None
                    ) -> Predictor:
         """A predictor for a PyTorch model and its config (as stored by `mnv2.weights.save_model`)."""
+        if config.get("task") == SEGMENTATION:
+            raise UserError("a segmentation model; run it with SegmentationPredictor (`mnv2 predict` does)")
         name = backend or default_backend()
         preprocess = Preprocess.from_dict(config.get("preprocess"), resolution)
         with torch.inference_mode():
@@ -275,6 +291,9 @@ class Predictor:
         proto, meta, (batch, height, width), num_classes = inspect_onnx(path)
         if meta.get(META_TASK) == "detection":
             raise UserError(f"{path}: a detector; run it with DetectionPredictor.from_onnx (`mnv2 predict` does)")
+        if meta.get(META_TASK) == SEGMENTATION:
+            raise UserError(f"{path}: a segmentation model; run it with SegmentationPredictor.from_onnx (`mnv2 "
+                            "predict` does)")
         name = onnx_backend_name(path, meta, backend)
         if META_PREPROCESS in meta:
             preprocess = Preprocess.from_dict(meta[META_PREPROCESS])
@@ -357,9 +376,10 @@ def onnx_runner(path: str | Path, proto, name: str, threads: int | None):
 
 
 def inspect_onnx(path: str | Path):
-    """(proto, mnv2 metadata, (batch, H, W) with None for dynamic dims, number of classes) of an image classifier
-    or detector .onnx file, or one UserError naming the file and what is wrong with it. A detector (outputs named as
-    mnv2.deploy.export_detection writes them) has metadata "mnv2.task" = "detection" and C object classes."""
+    """(proto, mnv2 metadata, (batch, H, W) with None for dynamic dims, number of classes) of an image classifier,
+    detector or segmentation .onnx file, or one UserError naming the file and what is wrong with it. A detector
+    (outputs named as mnv2.deploy.export_detection writes them) has metadata "mnv2.task" = "detection" and C object
+    classes; a segmentation model (one 4-D output [N, C, H, W]) "mnv2.task" = "segmentation" and C pixel classes."""
     onnx = optional_import("onnx", "export", "reading .onnx files")
     path = Path(path)
     if not path.is_file():
@@ -375,6 +395,8 @@ def inspect_onnx(path: str | Path):
     outputs = tuple(o.name for o in graph.output)
     if len(graph.node) > 0 and len(inputs) == 1 and outputs in (DETECTION_OUTPUTS, RAW_OUTPUTS):
         return _inspect_detector(path, proto, inputs[0])
+    if len(graph.node) > 0 and len(inputs) == 1 and len(graph.output) == 1 and len(_dims(graph.output[0])) == 4:
+        return _inspect_segmenter(path, proto, inputs[0], graph.output[0])
     if len(graph.node) == 0 or len(inputs) != 1 or len(graph.output) != 1:
         raise UserError(f"{path}: not an image classifier graph ({len(inputs)} inputs, {len(graph.output)} outputs, "
                         f"{len(graph.node)} nodes; expected one image input and one logits output)")
@@ -406,3 +428,15 @@ def _inspect_detector(path: Path, proto, image_input):
         raise UserError(f"{path}: a detection graph without mnv2 detection metadata (task, class names); export it "
                         "with `mnv2 export`")
     return proto, meta, tuple(shape_in[0:1] + shape_in[2:]), len(meta[META_CLASSES])
+
+
+def _inspect_segmenter(path: Path, proto, image_input, logits_output):
+    shape_in, shape_out, meta = _dims(image_input), _dims(logits_output), _metadata(path, proto)
+    if len(shape_in) != 4 or shape_in[1] != 3:
+        raise UserError(f"{path}: input shape {shape_in} is not an RGB image batch [N, 3, H, W]")
+    if meta.get(META_TASK) != SEGMENTATION or not isinstance(meta.get(META_CLASSES), list):
+        raise UserError(f"{path}: a per-pixel output {shape_out} without mnv2 segmentation metadata (task, class "
+                        "names); export it with `mnv2 export`")
+    if shape_out[1] is None:
+        raise UserError(f"{path}: output shape {shape_out} has no fixed number of classes [N, C, H, W]")
+    return proto, meta, tuple(shape_in[0:1] + shape_in[2:]), shape_out[1]
