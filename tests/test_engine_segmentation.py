@@ -173,3 +173,41 @@ def test_any_folders_through_set_with_their_labels_file(tmp_path):
     half = SegmentationTask(tiny_segmentation_config(tmp_path, f"data.train_images={root}/JPEGImages"), tmp_path)
     with pytest.raises(UserError, match="data.train_images and data.train_annotations"):
         half.datasets()
+
+
+def _bad_mask_value(root):
+    path = root / "SegmentationClass" / "img000.png"
+    mask = np.array(Image.open(path))
+    mask[5, 5] = 9  # 4 classes: 9 is neither a class nor 255
+    bad = Image.fromarray(mask, mode="P")
+    bad.putpalette(voc_colormap().ravel().tolist())
+    bad.save(path)
+    return path
+
+
+def _other_size_mask(root):
+    path = root / "SegmentationClass" / "img001.png"
+    Image.fromarray(np.zeros((32, 64), np.uint8), mode="P").save(path)
+    return path
+
+
+def _missing_mask(root):
+    path = root / "SegmentationClass" / "img002.png"
+    path.unlink()
+    return path
+
+
+@pytest.mark.parametrize("damage", [_bad_mask_value, _other_size_mask, _missing_mask])
+def test_bad_masks_stop_the_run_in_one_line_naming_the_file(tmp_path, damage):
+    """Through the CLI, with a worker process loading the data: exit status 2, one line on stderr naming the mask,
+    no weights written."""
+    root = block_voc(tmp_path / "voc", images=5, val=2)
+    path = damage(root)
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "mnv2.cli.main", "train", "--task", "segmentation", "--data",
+                           str(root), "--out", str(run), "--no-progress", "--workers", "1", "--resolution", "64",
+                           "--batch-size", "3", "--set", "train.max_steps=1", "--set", "data.val_split=train"],
+                          capture_output=True, text=True, env=ENV, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and str(path) in proc.stderr, proc.stderr
+    assert not (run / "best.safetensors").exists()
