@@ -68,7 +68,8 @@ def targets(r: dict) -> list[str]:
         best = min(nets, key=lambda row: row["median_ms"])
         lines.append(f"- fastest fp32 network ({best['backend'].removesuffix(' (network)')}): {best['median_ms']:.2f} ms "
                      f"against a compute floor of {r['floor_ms']:.2f} ms = {100 * best['floor_fraction']:.0f}% of the "
-                     f"machine's fp32 matmul peak ({r['matmul_gflops']:.0f} GFLOP/s measured in this run)")
+                     f"machine's best fp32 matmul rate ({', '.join(f'{k} {v:.0f}' for k, v in r['matmul_gflops'].items())} "
+                     f"GFLOP/s measured in this run)")
     return lines
 
 
@@ -96,8 +97,9 @@ def render(results: list[dict], args) -> str:
              "foreground logits found so that the same number of boxes enters NMS on the bench image "
              "(`mnv2.bench.detection` docstring); our score threshold is a deployment one, not the evaluation "
              "config's 1e-8. The network rows time our fp32 networks alone on the preprocessed image; the compute "
-             "floor is the network's FLOPs (2 x MAdds) over the fp32 matrix-multiply peak measured in the same "
-             "run. The stage rows time what surrounds the network, alone: DetectionPredictor's preprocessing, and "
+             "floor is the network's FLOPs (2 x MAdds) over the best fp32 matrix-multiply rate measured in the "
+             "same run (torch.mm's or onnxruntime's MatMul, `mnv2.bench.floor`: MKL's torch.mm reaches about half "
+             "of MLAS's rate on this CPU, and a floor from it alone was twice too high). The stage rows time what surrounds the network, alone: DetectionPredictor's preprocessing, and "
              "the torch backends' decode + per-class NMS (`select_detections` on the heads; the ONNX backends run "
              "it inside their graph). Timings on a shared machine are noisy: compare rows of one run, not runs."), ""]
     if args.note:

@@ -105,12 +105,16 @@ def test_onnx_runners_give_the_models_class_map(model, calib):
 @pytest.fixture
 def quick_peak(monkeypatch):
     """A fixed matmul peak instead of timing 2048^3 products (seconds per run); measured in its own test."""
-    monkeypatch.setattr(S, "fp32_peaks", lambda threads: {"torch.mm": 100.0, "onnxruntime MatMul": 200.0})
+    from mnv2.bench import floor
+    monkeypatch.setattr(floor, "fp32_peaks", lambda threads: {"torch.mm": 100.0, "onnxruntime MatMul": 200.0})
 
 
 def test_matmul_peaks_are_measured():
+    from mnv2.bench import floor
     pytest.importorskip("onnxruntime")
-    assert S.onnxruntime_matmul_gflops(1, n=256, repeats=2) > 0
+    assert floor.onnxruntime_matmul_gflops(1, n=256, repeats=2) > 0
+    peaks = floor.fp32_peaks(1)
+    assert set(peaks) == {"torch.mm", "onnxruntime MatMul"} and min(peaks.values()) > 0
 
 
 def test_measure_returns_every_row_with_positive_times(quick_peak):

@@ -5,8 +5,9 @@ End to end means what a caller waits for: a 640x480 uint8 image in, boxes in its
 `DetectionPredictor.predict_images` (resize to the square input + normalise, the network, decode + per-class NMS +
 the best 100, scaled back to the image); torchvision's is its model in eval mode (GeneralizedRCNNTransform, the
 network, its postprocess_detections with batched NMS, scaled back). The network alone of our fp32 backends is timed
-in the same rounds and set against the machine's compute floor (its matrix-multiply peak, measured in the same run),
-and so are the stages around it (`STAGES`: the preprocessing, and decode + NMS on the torch backends).
+in the same rounds and set against the machine's compute floor (its best fp32 matrix-multiply rate, measured in the
+same run: `mnv2.bench.floor`), and so are the stages around it (`STAGES`: the preprocessing, and decode + NMS on the
+torch backends).
 
 Random weights make NMS degenerate -- every score equal, or none above a threshold -- so both detectors are set up
 to give NMS the same, realistic amount of work on the bench image:
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 import warnings
 
 import numpy as np
@@ -39,6 +39,7 @@ from torch import nn
 
 from ..analysis import count_madds
 from ..errors import UserError
+from .floor import peaks_around
 from .latency import BASELINE, common_options, set_bn_statistics, time_runners
 
 DEPLOY_THRESHOLD = 0.01  # our score threshold in the bench: a deployment one (the config's 1e-8 is for COCO eval)
@@ -209,22 +210,6 @@ def torchvision_runner(ssd: nn.Module):
     return run
 
 
-# --- the machine's floor ---------------------------------------------------------------------------------------------
-
-def matmul_gflops(threads: int, n: int = 2048, repeats: int = 8) -> float:
-    """The best fp32 matrix-multiply rate of `threads` threads (GFLOP/s): the compute floor of a dense fp32 network
-    is its FLOPs over this. PERFORMANCE.md: 166-197 on 2 quiet cores of this kind of machine, 90-98 on one."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
-
-
 # --- the benchmark ---------------------------------------------------------------------------------------------------
 
 def build_runners(model: nn.Module, config: dict, backends: list[str], threads: int, calib: list,
@@ -306,9 +291,9 @@ def measure(width: float = 1.0, resolution: int = 320, threads: int = 2, backend
     detections = {name: len(run(image)[0]) for name, run in runners.items()
                   if name != BASELINE and _kind(name) == "end-to-end"}
     detections[BASELINE] = len(runners[BASELINE](image)["boxes"])
-    peak = matmul_gflops(threads)
-    timings = time_runners(runners, resolution, 1, repeats, inputs=(image, None))
-    peak = max(peak, matmul_gflops(threads))  # the better of before and after: a peak, whatever phase the host is in
+    timings, peaks = peaks_around(threads, lambda: time_runners(runners, resolution, 1, repeats,
+                                                                 inputs=(image, None)))
+    peak = max(peaks.values())
     madds = count_madds(model, resolution)
     floor_ms = 2 * madds / peak / 1e6
     base = timings[BASELINE]["round_ms"]
@@ -325,7 +310,7 @@ def measure(width: float = 1.0, resolution: int = 320, threads: int = 2, backend
                      "detections": detections.get(name)})
     return {"model": config.get("model", "ssdlite_mobilenet_v2"), "width": width, "resolution": resolution,
             "threads": threads, "repeats": repeats, "image": list(IMAGE_SIZE), "trained": trained,
-            "num_classes": model.num_classes, "madds": madds, "matmul_gflops": peak, "floor_ms": floor_ms,
+            "num_classes": model.num_classes, "madds": madds, "matmul_gflops": peaks, "floor_ms": floor_ms,
             "workload": {"ours": {"score_threshold": spec.score_threshold, "iou_threshold": spec.iou_threshold,
                                   "max_detections": spec.max_detections, "nms_boxes": ours_boxes},
                          BASELINE: {"score_threshold": peer.score_thresh, "iou_threshold": peer.nms_thresh,
@@ -350,8 +335,9 @@ def format_table(result: dict) -> str:
             extra = f"{r['speedup']:.2f}x"
             dets = str(r["detections"])
         lines.append(f"{r['backend']:<28} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} {extra:>15} {dets:>11}")
-    lines.append(f"compute floor of the network: {2 * result['madds'] / 1e9:.2f} GFLOP / {result['matmul_gflops']:.0f} "
-                 f"GFLOP/s (fp32 matmul peak, {result['threads']} threads, this run) = {result['floor_ms']:.2f} ms")
+    lines.append(f"compute floor of the network: {2 * result['madds'] / 1e9:.2f} GFLOP / "
+                 f"{max(result['matmul_gflops'].values()):.0f} GFLOP/s (best fp32 matmul, {result['threads']} threads, "
+                 f"this run) = {result['floor_ms']:.2f} ms")
     return "\n".join(lines)
 
 

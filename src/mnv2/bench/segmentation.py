@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from torch import nn
 
 from ..analysis import count_madds
 from ..errors import UserError
+from .floor import peaks_around
 from .latency import common_options, set_bn_statistics, time_runners
 
 RESOLUTION = 512  # the on-device input of Mobile DeepLabv3 (paper section 6.3 evaluates at 513)
@@ -292,43 +292,6 @@ def _as_numpy(out) -> np.ndarray:
     return out.numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
 
 
-# --- the machine's floor --------------------------------------------------------------------------------------------
-
-def onnxruntime_matmul_gflops(threads: int, n: int = 2048, repeats: int = 8) -> float | None:
-    """The best fp32 rate (GFLOP/s) of onnxruntime's MatMul (MLAS) on `threads` threads; None if not installed."""
-    try:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
-    except ImportError:
-        return None
-    spec = [helper.make_tensor_value_info(v, TensorProto.FLOAT, [n, n]) for v in "abc"]
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul", spec[:2], spec[2:])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-                                   .SerializeToString(), options, providers=["CPUExecutionProvider"])
-    rng = np.random.default_rng(0)
-    feed = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
-    session.run(None, feed)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        session.run(None, feed)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
-
-
-def fp32_peaks(threads: int) -> dict[str, float]:
-    """{library: best fp32 matrix-multiply GFLOP/s} on `threads` threads (torch.mm; onnxruntime's MatMul)."""
-    from .detection import matmul_gflops
-    peaks = {"torch.mm": matmul_gflops(threads)}
-    mlas = onnxruntime_matmul_gflops(threads)
-    if mlas is not None:
-        peaks["onnxruntime MatMul"] = mlas
-    torch.set_num_threads(threads)
-    return peaks
-
-
 # --- the benchmark --------------------------------------------------------------------------------------------------
 
 def _kind(name: str) -> str:
@@ -363,10 +326,7 @@ def measure(width: float = 1.0, resolution: int = RESOLUTION, threads: int = 2, 
     maps = {name: _as_numpy(run(x)) for name, run in runners.items() if _kind(name) == "end-to-end"}
     with torch.inference_mode():  # `agreement` is the share of pixels whose class is eager PyTorch's
         reference = model(torch.from_numpy(x)).argmax(1).numpy()
-    peaks = fp32_peaks(threads)
-    timings = time_runners(runners, resolution, 1, repeats, inputs=(x, None))
-    for library, rate in fp32_peaks(threads).items():  # before and after: a peak, whatever phase the host is in
-        peaks[library] = max(peaks[library], rate)
+    timings, peaks = peaks_around(threads, lambda: time_runners(runners, resolution, 1, repeats, inputs=(x, None)))
     peak = max(peaks.values())
     madds = count_madds(model, resolution)
     floor_ms = 2 * madds / peak / 1e6
