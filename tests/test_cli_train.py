@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from test_engine_trainer import colour_folder, small_config
 
 from mnv2.engine.trainer import Trainer
@@ -72,3 +74,37 @@ def test_existing_run_is_not_overwritten(tmp_path):
     code, _, err = mnv2_train("--out", str(run))
     assert_one_line_error(code, err, "already holds a run")
     assert (run / "last.pt").read_bytes() == b"precious"
+
+
+BAD_VALUES = [  # (arguments, what the one error line must name)
+    (["--width", "0"], "'model.width' is 0.0"),
+    (["--batch-size", "0"], "'train.batch_size' is 0"),
+    (["--lr", "-0.1"], "'optim.lr' is -0.1"),
+    (["--set", "train.eval_every=0"], "'train.eval_every' is 0"),
+    (["--set", "train.device=gpu"], "'train.device' is 'gpu'; choose one of auto, cpu, cuda"),
+    (["--set", "train.amp=fp23"], "'train.amp' is 'fp23'"),
+    (["--set", "optim.name=adam"], "'optim.name' is 'adam'"),
+    (["--set", "data.rescale=[2.0, 0.5]"], "'data.rescale'"),
+    (["--set", "detection.nms_iou=1.5"], "'detection.nms_iou' is 1.5"),
+    (["--task", "segmentation", "--set", "model.kwargs.output_stride=12"], "output_stride must be 8 or 16"),
+    (["--set", "model.kwargs.no_such_argument=1"], "no_such_argument"),
+]
+
+
+@pytest.mark.parametrize("args,named", BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
+def test_bad_config_values_are_one_line_naming_the_key(tmp_path, monkeypatch, capsys, args, named):
+    """Every value is checked where the config is merged (choices, ranges) or where the model is built: exit status
+    2, one line naming the key and what is allowed, no traceback, nothing written into the existing run folder."""
+    from mnv2.cli.main import main
+    from mnv2.data.synthetic import write_dataset
+
+    monkeypatch.chdir(tmp_path)
+    data = write_dataset(tmp_path / "data", "segment" if "segmentation" in args else "classify", images=16, size=32)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    code = main(["train", "--data", str(data), "--out", str(run), "--no-progress", "--workers", "0", "--batch-size",
+                 "2", *args])
+    err = capsys.readouterr().err
+    assert_one_line_error(code, err, named)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]

@@ -284,6 +284,8 @@ def test_wrong_files_are_one_line_errors_naming_the_file(tmp_path):
     for wrong in (Predictor.from_onnx, DetectionPredictor.from_onnx):
         with pytest.raises(UserError, match=str(path)):
             wrong(path)
+    with pytest.raises(UserError, match="not a detector but a segmentation model"):
+        DetectionPredictor.from_onnx(path)
     with pytest.raises(UserError, match="a segmentation model"):
         Predictor.from_model(*segmenter(), backend="torch")
     with pytest.raises(UserError, match=f"{tmp_path / 'nothing.onnx'}: no such ONNX file"):

@@ -83,4 +83,4 @@ def test_mf_averages_scales_and_flips():
                                                 align_corners=False).softmax(1)
     got = predict_probabilities(model, x, scales=(0.5, 1.5), flip=True)
     assert torch.allclose(got, expected / 4, atol=1e-6)
-    assert math.isclose(float(got.sum(1).mean()), 1.0, rel_tol=1e-5)
+    assert math.isclose(float(got.detach().sum(1).mean()), 1.0, rel_tol=1e-5)

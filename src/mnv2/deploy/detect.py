@@ -70,7 +70,9 @@ class DetectionPredictor(Predictor):
         comes from its metadata_props."""
         proto, meta, (batch, height, width), num_classes = inspect_onnx(path)
         if meta.get("mnv2.task") != "detection":
-            raise UserError(f"{path}: not a detector (a classifier runs with Predictor.from_onnx)")
+            other = ("a segmentation model (SegmentationPredictor.from_onnx)" if meta.get("mnv2.task") == "segmentation"
+                     else "a classifier (Predictor.from_onnx)")
+            raise UserError(f"{path}: not a detector but {other}")
         spec = DetectorSpec.from_metadata(meta, num_classes, str(path))
         if spec.resolution not in (height, None) or spec.resolution not in (width, None):
             raise UserError(f"{path}: metadata says input {spec.resolution}x{spec.resolution} but the graph takes "

@@ -157,12 +157,107 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
             node = node.setdefault(p, {})
         node[leaf] = yaml.safe_load(value) if value.strip() else None
         cfg = merge(cfg, nested, source="--set")
-    return cfg
+    return validate(cfg)
 
 
 def config_from_dict(data: dict, source: str) -> Config:
     """A Config from its saved dict form (config.yaml of a run, or a checkpoint)."""
-    return merge(Config(), data, source=source)
+    return validate(merge(Config(), data, source=source), source)
+
+
+# Allowed values, checked once the recipe, the flags and the --set overrides are merged: (key, choices) or
+# (key, low, high, low_open, high_open); None bounds are open-ended. A bad value is one error naming the key.
+CHOICES = {
+    "task": ("classification", "detection", "segmentation"),
+    "data.interpolation": ("bilinear", "bicubic", "nearest"),
+    "data.on_bad_image": ("error", "skip"),
+    "data.auto_augment": (None, "trivialaugment"),
+    "detection.loss": ("sigmoid", "softmax"),
+    "optim.name": ("rmsprop_tf", "sgd", "adamw"),
+    "schedule.name": ("exponential", "cosine", "poly", "constant"),
+    "train.amp": ("auto", "bf16", "fp16", "fp32"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+RANGES = {  # key: (low, high, low inclusive, high inclusive)
+    "model.width": (0, None, False, False),
+    "model.dropout": (0, 1, True, False),
+    "data.resolution": (16, None, True, False),
+    "data.eval_resolution": (16, None, True, False),
+    "data.crop_fraction": (0, 1, False, True),
+    "data.scale": (0, 1, False, True),
+    "data.hflip": (0, 1, True, True),
+    "data.color_jitter": (0, None, True, False),
+    "data.random_erasing": (0, 1, True, True),
+    "data.mixup_alpha": (0, None, True, False),
+    "data.cutmix_alpha": (0, None, True, False),
+    "data.std": (0, None, False, False),
+    "data.num_workers": (0, None, True, False),
+    "data.zoom_out": (1, None, True, False),
+    "data.rescale": (0, None, False, False),
+    "detection.neg_pos_ratio": (0, None, False, False),
+    "detection.min_negatives": (0, None, True, False),
+    "detection.match_iou": (0, 1, False, True),
+    "detection.score_threshold": (0, 1, True, False),
+    "detection.nms_iou": (0, 1, False, True),
+    "detection.max_detections": (1, None, True, False),
+    "optim.lr": (0, None, False, False),
+    "optim.momentum": (0, 1, True, False),
+    "optim.decay": (0, 1, False, False),
+    "optim.eps": (0, None, False, False),
+    "optim.betas": (0, 1, True, False),
+    "optim.weight_decay": (0, None, True, False),
+    "optim.grad_clip": (0, None, True, False),
+    "schedule.power": (0, None, False, False),
+    "schedule.gamma": (0, 1, False, True),
+    "schedule.decay_epochs": (0, None, False, False),
+    "schedule.warmup_epochs": (0, None, True, False),
+    "schedule.warmup_start": (0, 1, True, True),
+    "schedule.min_lr": (0, 1, True, True),
+    "train.epochs": (1, None, True, False),
+    "train.batch_size": (1, None, True, False),
+    "train.label_smoothing": (0, 1, True, False),
+    "train.ema_decay": (0, 1, True, False),
+    "train.checkpoint_every": (0, None, True, False),
+    "train.eval_every": (1, None, True, False),
+    "train.max_steps": (0, None, True, False),
+    "train.threads": (0, None, True, False),
+}
+ORDERED = ("data.scale", "data.rescale")  # pairs (low, high): low <= high
+
+
+def validate(cfg: Config, source: str | None = None) -> Config:
+    """`cfg` if every value is one its key allows (CHOICES, RANGES), else a UserError naming the key, the value and
+    what is allowed."""
+    where = f"{source}: " if source else ""
+    for key, choices in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            allowed = ", ".join("null" if c is None else str(c) for c in choices)
+            raise UserError(f"{where}config key {key!r} is {value!r}; choose one of {allowed}")
+    for key, (low, high, low_in, high_in) in RANGES.items():
+        value = _get(cfg, key)
+        for v in (value if isinstance(value, tuple) else (value,)):
+            if v is None:
+                continue
+            bad_low = low is not None and (v < low if low_in else v <= low)
+            bad_high = high is not None and (v > high if high_in else v >= high)
+            if bad_low or bad_high:
+                lo = "" if low is None else f"{'>=' if low_in else '>'} {low:g}"
+                hi = "" if high is None else f"{'<=' if high_in else '<'} {high:g}"
+                raise UserError(f"{where}config key {key!r} is {value!r}; it must be "
+                                f"{' and '.join(b for b in (lo, hi) if b)}")
+    for key in ORDERED:
+        low, high = _get(cfg, key)
+        if low > high:
+            raise UserError(f"{where}config key {key!r} is {[low, high]}: the first value must not exceed the second")
+    return cfg
+
+
+def _get(cfg: Config, key: str):
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def merge(obj, data: dict, source: str, prefix: str = ""):

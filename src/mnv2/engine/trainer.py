@@ -71,7 +71,11 @@ class Trainer:
                             f"process; lower --batch-size")
         self.train_dataset, self.val_dataset = train_ds, val_ds
 
-        model = self.task.build_model()
+        try:
+            model = self.task.build_model()
+        except (ValueError, TypeError) as e:  # a model argument the model rejects (model.width, model.kwargs.*)
+            name, kwargs = self.task.model_spec()
+            raise UserError(f"model {name!r} with {kwargs}: {e}") from None
         if cfg.model.freeze_bn:
             model.apply(_freeze_bn)
         if cfg.model.sync_bn and self.ctx.enabled and self.device.type == "cuda":
