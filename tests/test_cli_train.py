@@ -71,9 +71,10 @@ def test_existing_run_is_not_overwritten(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "last.pt").write_bytes(b"precious")
-    code, _, err = mnv2_train("--out", str(run))
+    code, _, err = mnv2_train("--out", str(run), cwd=tmp_path)
     assert_one_line_error(code, err, "already holds a run")
     assert (run / "last.pt").read_bytes() == b"precious"
+    assert not (tmp_path / "data").exists()  # refused before the embedded dataset is written
 
 
 BAD_VALUES = [  # (arguments, what the one error line must name)

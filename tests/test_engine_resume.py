@@ -1,6 +1,7 @@
 """Kill a training run with SIGKILL in the middle of an epoch, resume it, and get the same weights as a run that was
 never interrupted (DESIGN.md: resume equal to an uninterrupted run)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -67,6 +68,14 @@ def kill_resume_and_compare(tmp_path, recipe_text: str, data, steps: int) -> Non
     for key, value in a["ema"].items():
         assert torch.equal(value, b["ema"][key]), key
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    # metrics.jsonl: the records of the uninterrupted run, each once (the killed run's records after its checkpoint
+    # are dropped on resume and written again)
+    records = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+               for run in ("a", "b")]
+    keys = [[(r["kind"], r["step"]) for r in rs] for rs in records]
+    assert keys[0] == keys[1] and len(set(keys[1])) == len(keys[1])
+    for ra, rb in zip(*records):
+        assert {k: v for k, v in ra.items() if "per_s" not in k} == {k: v for k, v in rb.items() if "per_s" not in k}
 
 
 DETECTION_RECIPE = """

@@ -113,7 +113,8 @@ def test_checkpoint_loads_weights_only(tmp_path):
             tmp_path / "run", data, progress=False, log=lambda *a: None).fit()
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert {"model", "optimizer", "schedule", "ema", "scaler", "rng", "epoch", "step", "config"} <= set(state)
-    assert torch.equal(state["optimizer"]["state"][0]["ms"].flatten()[:1].new_ones(1).bool(), torch.tensor([True]))
+    ms = state["optimizer"]["state"][0]["ms"]  # TF-RMSProp's mean square: starts at 1, moved by the gradients
+    assert torch.isfinite(ms).all() and (ms > 0).all() and not torch.allclose(ms, torch.ones_like(ms))
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 10)
     with pytest.raises(UserError, match="junk.pt: not a readable mnv2 checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")

@@ -33,10 +33,13 @@ def test_turned_off_by_environment(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("compiler, message", [("no-such-compiler-mnv2", "no C++ compiler 'no-such-compiler-mnv2'"),
                                                ("false", "false failed on mnv2's native kernels")])
-def test_missing_or_failing_compiler_is_reported_not_raised(monkeypatch, tmp_path, compiler, message):
+def test_missing_or_failing_compiler_is_reported_not_raised(monkeypatch, tmp_path, capsys, compiler, message):
     _fresh_state(monkeypatch, tmp_path, CXX=compiler)
     assert not native.available()
     assert message in native.status()
+    # a compile that starts says so on stderr (it takes 15-40 s on first use), one that cannot start does not
+    said = "mnv2: compiling native kernels" in capsys.readouterr().err
+    assert said == (compiler == "false")
     assert not list(tmp_path.rglob("*.so")) and not list(tmp_path.rglob("*.tmp"))  # nothing half-built left behind
 
 

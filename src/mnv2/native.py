@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import logging
 import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,7 +24,6 @@ import torch
 SOURCES = sorted((Path(__file__).with_name("csrc")).glob("*.cpp"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++20"]
 
-_log = logging.getLogger(__name__)
 _state: dict[str, object] = {}
 
 
@@ -66,7 +65,8 @@ def _build() -> Path:
         if not lib.exists():
             if shutil.which(compiler) is None:
                 raise RuntimeError(f"no C++ compiler {compiler!r} on PATH to build mnv2's native kernels")
-            _log.info("mnv2: compiling native kernels for this CPU (once)")
+            # said on stderr: the first torch-fast / t-split call otherwise sits silent for ~15-40 s
+            print("mnv2: compiling native kernels for this CPU (once, about 15-40 s)", file=sys.stderr, flush=True)
             fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
             os.close(fd)
             try:

@@ -60,8 +60,7 @@ def run(args) -> int:
     cfg = resolve_config(args, load_config, config_of_run)
     is_main = int(os.environ.get("RANK", "0")) == 0
     say = print if is_main else (lambda *a, **k: None)
-    data_root = resolve_data(cfg, say)
-    if args.resume:
+    if args.resume:  # the arguments are checked before any work (the embedded data is written on first use)
         run_dir = Path(args.resume)
         if not (run_dir / "last.pt").is_file():
             raise UserError(f"{run_dir}: no last.pt to resume from")
@@ -69,6 +68,7 @@ def run(args) -> int:
         run_dir = Path(args.out) if args.out else Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
         if (run_dir / "last.pt").exists():
             raise UserError(f"{run_dir}: already holds a run (last.pt); use --resume {run_dir} or another --out")
+    data_root = resolve_data(cfg, say)
     say(f"run directory: {run_dir}  (allocator: {allocator_in_use()})")
     trainer = Trainer(cfg, run_dir, data_root, resume=bool(args.resume), progress=not args.no_progress, log=say)
     m = cfg.model

@@ -155,7 +155,27 @@ class Trainer:
             self.log(f"note: {path} was written by {state['world_size']} process(es), resuming with "
                      f"{self.ctx.world_size}: the data order of the rest of this epoch differs")
         ckpt.set_rng_state(state["rng"])
+        if self.ctx.is_main:
+            self._drop_metrics_after(self.step)
         self.log(f"resumed {path}: epoch {self.epoch + 1}, step {self.step}")
+
+    def _drop_metrics_after(self, step: int) -> None:
+        """metrics.jsonl as it was at the checkpoint: the records a killed run wrote after it are written again by
+        the resumed run, so they go (atomically; a torn last line from the kill goes too)."""
+        from ..atomic import atomic_write_text
+
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
     # ---- loop ---------------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
