@@ -120,3 +120,17 @@ def test_ema_follows_weights():
     ema.update_parameters(model)  # 0.5 * 1 + 0.5 * 3
     assert torch.allclose(ema.module.weight, torch.full((1, 2), 2.0))
     assert build_ema(model, 0.0) is None
+
+
+@pytest.mark.parametrize("name,lr,eps", [("rmsprop_tf", 0.045, 1.0), ("sgd", 0.045, 1e-8), ("adamw", 1e-3, 1e-8)])
+def test_optimizer_defaults_belong_to_the_optimizer(name, lr, eps):
+    """Unset lr / eps take the chosen optimiser's defaults (RMSProp's eps 1.0 must not reach AdamW); set ones stay."""
+    from mnv2.engine.config import load_config
+
+    cfg = load_config(None, [f"optim.name={name}"])
+    assert (cfg.optim.lr, cfg.optim.eps) == (lr, eps)
+    opt = build_optimizer(nn.Linear(2, 2), OptimConfig(name=name))
+    assert opt.param_groups[0]["lr"] == lr
+    if name != "sgd":
+        assert opt.param_groups[0]["eps"] == eps
+    assert load_config(None, [f"optim.name={name}", "optim.lr=0.5", "optim.eps=0.25"]).optim.eps == 0.25

@@ -78,11 +78,11 @@ class DetectionConfig:
 @dataclass
 class OptimConfig:
     name: str = "rmsprop_tf"  # rmsprop_tf | sgd | adamw
-    lr: float = 0.045
+    lr: float | None = None  # None = the optimiser's own default (OPTIMIZER_DEFAULTS)
     momentum: float = 0.9
     nesterov: bool = False
     decay: float = 0.9  # RMSProp's mean-square decay (TF's `decay` / `rho`)
-    eps: float = 1.0  # RMSProp: inside the square root (TF); AdamW: torch's eps
+    eps: float | None = None  # RMSProp: inside the square root (TF, default 1.0); AdamW: torch's (1e-8)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 4e-5
     no_decay_norm_bias: bool = False  # no weight decay on BN parameters and biases
@@ -157,12 +157,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
             node = node.setdefault(p, {})
         node[leaf] = yaml.safe_load(value) if value.strip() else None
         cfg = merge(cfg, nested, source="--set")
-    return validate(cfg)
+    return validate(with_optimizer_defaults(cfg))
 
 
 def config_from_dict(data: dict, source: str) -> Config:
     """A Config from its saved dict form (config.yaml of a run, or a checkpoint)."""
-    return validate(merge(Config(), data, source=source), source)
+    return validate(with_optimizer_defaults(merge(Config(), data, source=source)), source)
+
+
+# What an unset optim.lr / optim.eps means for each optimiser: the paper's RMSProp (lr 0.045, TF's eps 1.0 inside the
+# square root), torchvision's MobileNetV2 SGD recipe (lr 0.045), PyTorch's AdamW (lr 1e-3, eps 1e-8). One optimiser's
+# eps 1.0 would stall another's updates, so no value is shared.
+OPTIMIZER_DEFAULTS = {"rmsprop_tf": {"lr": 0.045, "eps": 1.0}, "sgd": {"lr": 0.045, "eps": 1e-8},
+                      "adamw": {"lr": 1e-3, "eps": 1e-8}}
+
+
+def optimizer_defaults(optim: OptimConfig) -> OptimConfig:
+    """`optim` with lr / eps, where unset, taken from the chosen optimiser's defaults (an unknown name is left for
+    `validate` to name)."""
+    defaults = OPTIMIZER_DEFAULTS.get(optim.name, {})
+    filled = {k: v for k, v in defaults.items() if getattr(optim, k) is None}
+    return dataclasses.replace(optim, **filled) if filled else optim
+
+
+def with_optimizer_defaults(cfg: Config) -> Config:
+    return dataclasses.replace(cfg, optim=optimizer_defaults(cfg.optim))
 
 
 # Allowed values, checked once the recipe, the flags and the --set overrides are merged: (key, choices) or

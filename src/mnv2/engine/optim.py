@@ -15,7 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..errors import UserError
-from .config import OptimConfig, ScheduleConfig
+from .config import OptimConfig, ScheduleConfig, optimizer_defaults
 
 
 class RMSpropTF(torch.optim.Optimizer):
@@ -70,6 +70,7 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    cfg = optimizer_defaults(cfg)  # an unset lr / eps is the chosen optimiser's own default
     groups = param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias)
     if cfg.name == "rmsprop_tf":
         return RMSpropTF(groups, lr=cfg.lr, decay=cfg.decay, momentum=cfg.momentum, eps=cfg.eps)
