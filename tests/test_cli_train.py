@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_engine_trainer import colour_folder, small_config
 
 from mnv2.engine.trainer import Trainer

@@ -12,8 +12,8 @@ if TYPE_CHECKING:  # for readers and type checkers; at run time, see __getattr__
     from .imagefolder import BadImageReport, ImageFolderDataset
     from .images import BadImageError, load_image
     from .loader import build_classification_loader
-    from .synthetic import ensure_demo_dataset, write_dataset
     from .segmentation_transforms import segmentation_collate, segmentation_eval_preset, segmentation_train_preset
+    from .synthetic import ensure_demo_dataset, write_dataset
     from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_preset, mixup_cutmix, train_preset
     from .voc import SegmentationDataset, find_voc, folder_samples, segmentation_samples
 
