@@ -103,3 +103,29 @@ def test_error_rebuilt_from_a_dataloader_worker_message_keeps_path_and_reason():
     e = BadImageError(wrapped)
     assert (e.path, e.reason) == ("/d/a b.jpg", "broken data")
     assert str(e) == "/d/a b.jpg: unreadable image (broken data)"
+
+
+@pytest.mark.parametrize("kind", ["rgba", "sixteen_bit", "exif_rotated"])
+def test_a_picture_gives_the_same_rgb_as_a_file_and_as_a_pil_image(tmp_path, kind):
+    """The Predictor takes files and PIL images: both go through the same conversion (alpha onto black, 16 bits
+    scaled, EXIF orientation), not Pillow's convert("RGB"), which drops alpha and clips 16-bit values at 255."""
+    from mnv2.deploy.preprocess import load_image as predictor_load
+
+    rng = np.random.default_rng(0)
+    if kind == "rgba":
+        path = tmp_path / "a.png"
+        Image.fromarray(rng.integers(0, 256, (12, 10, 4), dtype=np.uint8), "RGBA").save(path)
+    elif kind == "sixteen_bit":
+        path = tmp_path / "a.png"
+        Image.fromarray(rng.integers(0, 65536, (12, 10), dtype=np.uint16)).save(path)
+    else:
+        path = tmp_path / "a.jpg"
+        exif = Image.Exif()
+        exif[0x0112] = 6  # stored sideways: turn 270 degrees
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(path, exif=exif, quality=95)
+    from_file = np.asarray(predictor_load(path))
+    with Image.open(path) as im:
+        in_memory = np.asarray(predictor_load(im))
+        plain = np.asarray(im.convert("RGB"))
+    assert from_file.shape[-1] == 3 and np.array_equal(from_file, in_memory)
+    assert not np.array_equal(from_file, plain) or from_file.shape != plain.shape  # what convert("RGB") gave differs

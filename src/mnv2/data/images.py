@@ -64,14 +64,21 @@ def load_image(path: str | Path, min_size: int | None = None) -> Image.Image:
             if min_size and im.format == "JPEG":
                 im.draft("RGB", (min_size, min_size))
             im.load()  # decode now, inside the try: truncated files fail here
-            rgb = _to_rgb(im)
-            orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
+            return upright_rgb(im)
     except FileNotFoundError:
         raise BadImageError(path, "no such file") from None
     except UnidentifiedImageError:
         raise BadImageError(path, "not an image file or unknown format") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadImageError(path, str(e) or type(e).__name__) from None
+
+
+def upright_rgb(im: Image.Image) -> Image.Image:
+    """An opened PIL image as `load_image` makes a file: 8-bit RGB by the conversions of the module docstring (alpha
+    composited onto black, 16-bit scaled), turned upright by its EXIF orientation. The Predictor uses it for PIL
+    images, so a picture gives the same input as a file and as an image in memory."""
+    rgb = _to_rgb(im)
+    orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
     if orientation in _ORIENT:  # camera photos: pixels stored sideways, the EXIF tag says how to turn them
         rgb = rgb.transpose(_ORIENT[orientation])
     return rgb

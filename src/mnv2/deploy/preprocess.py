@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from ..data.images import load_image as data_load_image
+from ..data.images import upright_rgb
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_preset
 from ..errors import UserError
 
@@ -104,7 +105,7 @@ def load_image(image) -> Image.Image:
     """An RGB PIL image from a path (the data package's loader: any mode, EXIF orientation, BadImageError naming the
     file) or a PIL image."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return upright_rgb(image)  # what data_load_image makes of the same picture as a file
     return data_load_image(image)
 
 
