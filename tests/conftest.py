@@ -32,3 +32,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["native", "pytorch"])
+def split_path(request, monkeypatch):
+    """Run a test on the t-split's native kernels (where they build) and on its PyTorch slice loop (restored
+    afterwards)."""
+    import sys
+
+    from mnv2 import native
+
+    if request.param == "native" and not native.available():
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    monkeypatch.setattr(sys.modules["mnv2.deploy.tsplit"], "_NATIVE", request.param == "native")
+    return request.param

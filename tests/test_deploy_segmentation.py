@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from mnv2.data.synthetic import voc_colormap
 from mnv2.data.voc import read_mask
 from mnv2.deploy.detect import DetectionPredictor
-from mnv2.deploy.export import SEGMENTATION_CHECK_SHAPES, export_segmenter
+from mnv2.deploy.export_segmentation import SEGMENTATION_CHECK_SHAPES, export_segmenter
 from mnv2.deploy.preprocess import Preprocess
 from mnv2.deploy.quantize import PerImageCalibrationReader, quantize_int8
 from mnv2.deploy.runtime import INT8_BACKENDS, Predictor, inspect_onnx

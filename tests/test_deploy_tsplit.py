@@ -10,19 +10,6 @@ from mnv2.deploy.tsplit import SplitBottleneck
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(params=["native", "pytorch"])
-def split_path(request, monkeypatch):
-    """Run a test on the native kernels (where they build) and on the PyTorch slice loop."""
-    import sys
-
-    from mnv2 import native
-
-    if request.param == "native" and not native.available():
-        pytest.skip(f"native kernels unavailable: {native.status()}")
-    monkeypatch.setattr(sys.modules["mnv2.deploy.tsplit"], "_NATIVE", request.param == "native")
-    return request.param
-
-
 def _model(width: float = 1.0, **kwargs) -> torch.nn.Module:
     torch.manual_seed(0)
     model = create_model("mobilenet_v2", width_mult=width, num_classes=10, **kwargs).eval()

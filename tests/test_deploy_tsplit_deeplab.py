@@ -1,8 +1,6 @@
 """Section 5.1's t-split on the atrous backbone of Mobile DeepLabv3 (section 6.3): dilated depthwise filters, the same
 function as the eager model, on the native kernels and on the PyTorch slice loop."""
 
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,15 +10,6 @@ from mnv2.deploy import fold_bn, tsplit
 from mnv2.deploy.tsplit import SplitBottleneck, TSplitDeepLab
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(params=["native", "pytorch"])
-def split_path(request, monkeypatch):
-    """Run a test on the native kernels (where they build) and on the PyTorch slice loop (restored afterwards)."""
-    if request.param == "native" and not native.available():
-        pytest.skip(f"native kernels unavailable: {native.status()}")
-    monkeypatch.setattr(sys.modules["mnv2.deploy.tsplit"], "_NATIVE", request.param == "native")
-    return request.param
 
 
 def _random_bn(model: torch.nn.Module) -> torch.nn.Module:

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..analysis import count_madds
 from ..errors import UserError
-from .floor import peaks_around
+from .floor import floor_line, peaks_around
 from .latency import BASELINE, common_options, set_bn_statistics, time_runners
 
 DEPLOY_THRESHOLD = 0.01  # our score threshold in the bench: a deployment one (the config's 1e-8 is for COCO eval)
@@ -335,9 +335,7 @@ def format_table(result: dict) -> str:
             extra = f"{r['speedup']:.2f}x"
             dets = str(r["detections"])
         lines.append(f"{r['backend']:<28} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} {extra:>15} {dets:>11}")
-    lines.append(f"compute floor of the network: {2 * result['madds'] / 1e9:.2f} GFLOP / "
-                 f"{max(result['matmul_gflops'].values()):.0f} GFLOP/s (best fp32 matmul, {result['threads']} threads, "
-                 f"this run) = {result['floor_ms']:.2f} ms")
+    lines.append(floor_line(result))
     return "\n".join(lines)
 
 

@@ -12,18 +12,23 @@ import numpy as np
 import torch
 
 
-def matmul_gflops(threads: int, n: int = 2048, repeats: int = 8) -> float:
-    """The best fp32 matrix-multiply rate of `threads` threads (GFLOP/s): the compute floor of a dense fp32 network
-    is its FLOPs over this. PERFORMANCE.md: 166-197 on 2 quiet cores of this kind of machine, 90-98 on one."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
+def _best_gflops(run, n: int, repeats: int) -> float:
+    """The best rate (GFLOP/s) of `run()`, one n x n x n product, over `repeats` timed calls after one warm-up."""
+    run()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        torch.mm(a, b)
+        run()
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
+
+
+def matmul_gflops(threads: int, n: int = 2048, repeats: int = 8) -> float:
+    """The best fp32 matrix-multiply rate of torch.mm on `threads` threads (GFLOP/s); 166-197 on 2 quiet cores of
+    this machine, 90-98 on one."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return _best_gflops(lambda: torch.mm(a, b), n, repeats)
 
 
 def onnxruntime_matmul_gflops(threads: int, n: int = 2048, repeats: int = 8) -> float | None:
@@ -41,13 +46,7 @@ def onnxruntime_matmul_gflops(threads: int, n: int = 2048, repeats: int = 8) -> 
                                    .SerializeToString(), options, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feed = {"a": rng.standard_normal((n, n), dtype=np.float32), "b": rng.standard_normal((n, n), dtype=np.float32)}
-    session.run(None, feed)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        session.run(None, feed)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+    return _best_gflops(lambda: session.run(None, feed), n, repeats)
 
 
 def fp32_peaks(threads: int) -> dict[str, float]:
@@ -70,3 +69,11 @@ def peaks_around(threads: int, work):
     for library, rate in fp32_peaks(threads).items():
         peaks[library] = max(peaks.get(library, 0.0), rate)
     return result, peaks
+
+
+def floor_line(result: dict) -> str:
+    """The printed line of a bench result's compute floor: FLOPs over the best rate, every library's rate beside it."""
+    peaks = ", ".join(f"{k} {v:.0f}" for k, v in result["matmul_gflops"].items())
+    return (f"compute floor of the network: {2 * result['madds'] / 1e9:.2f} GFLOP / "
+            f"{max(result['matmul_gflops'].values()):.0f} GFLOP/s (best fp32 matmul, {result['threads']} threads, "
+            f"this run: {peaks}) = {result['floor_ms']:.2f} ms")

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..analysis import count_madds
 from ..errors import UserError
-from .floor import peaks_around
+from .floor import floor_line, peaks_around
 from .latency import common_options, set_bn_statistics, time_runners
 
 RESOLUTION = 512  # the on-device input of Mobile DeepLabv3 (paper section 6.3 evaluates at 513)
@@ -362,7 +362,6 @@ def ratio(result: dict, numerator: str, denominator: str) -> float:
 
 def format_table(result: dict) -> str:
     lo, dl = PEERS
-    peaks = ", ".join(f"{k} {v:.0f}" for k, v in result["matmul_gflops"].items())
     lines = [(f"{result['model']} {result['width']:g} @{result['resolution']} (OS {result['output_stride']}, "
               f"{'ASPP' if result['aspp'] else 'no ASPP'}, {result['num_classes']} classes, "
               f"{result['madds'] / 1e9:.2f}G MAdds, {'trained' if result['trained'] else 'random'} weights), "
@@ -376,9 +375,7 @@ def format_table(result: dict) -> str:
             extra = f"agree {100 * r['agreement']:.2f}%" if r["agreement"] is not None else "-"
         lines.append(f"{r['backend']:<34} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} {r['speedup'][lo]:>9.2f}x "
                      f"{r['speedup'][dl]:>12.2f}x {extra:>16}")
-    lines.append(f"compute floor of the network: {2 * result['madds'] / 1e9:.2f} GFLOP / "
-                 f"{max(result['matmul_gflops'].values()):.0f} GFLOP/s (best fp32 matmul, {result['threads']} "
-                 f"threads, this run: {peaks}) = {result['floor_ms']:.2f} ms")
+    lines.append(floor_line(result))
     return "\n".join(lines)
 
 

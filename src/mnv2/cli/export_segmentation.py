@@ -18,7 +18,7 @@ def run_segmenter(args, model, config: dict, out: Path, calib_images: list | Non
     import random
 
     from ..atomic import atomic_write_bytes
-    from ..deploy.export import export_segmenter
+    from ..deploy.export_segmentation import export_segmenter
     if args.raw:
         raise UserError("--raw is for detectors; this model is a segmentation model")
     if args.val_data and not args.int8:

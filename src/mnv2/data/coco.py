@@ -23,7 +23,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from ..errors import UserError
-from .imagefolder import BAD_IMAGE_POLICIES, BadImageLog, BadImageReport
+from .imagefolder import BAD_IMAGE_POLICIES, BadImageLog, BadImageReport, first_readable
 from .images import BadImageError, load_image
 
 _EXIF_ORIENTATION = 0x0112
@@ -87,19 +87,11 @@ class CocoDetection(Dataset):
         return len(self.image_ids)
 
     def __getitem__(self, index: int):
-        # With "skip", try the following images in turn: the batch keeps its size, and the bad file is recorded.
-        for offset in range(len(self.image_ids)):
-            image_id = self.image_ids[(index + offset) % len(self.image_ids)]
-            try:
-                image = self._read(self.image_info[image_id])
-            except BadImageError as e:
-                if self.on_bad_image == "error":
-                    raise
-                self._bad_log.record(e)
-                continue
-            return self._sample(image_id, image)
-        raise UserError(f"{self.images_dir}: none of the {len(self.image_ids)} images of "
-                        f"{self.annotation_file} can be read")
+        image_id, image = first_readable(
+            self.image_ids, index, lambda i: self._read(self.image_info[i]), self._bad_log,
+            lambda: UserError(f"{self.images_dir}: none of the {len(self.image_ids)} images of "
+                              f"{self.annotation_file} can be read"))
+        return self._sample(image_id, image)
 
     def bad_images(self, max_examples: int = 5) -> BadImageReport:
         """The distinct images skipped so far, by any process loading this dataset."""

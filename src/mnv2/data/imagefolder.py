@@ -121,18 +121,10 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        # With "skip", try the following samples in turn: the batch keeps its size, and the bad file is recorded.
-        for offset in range(len(self.samples)):
-            path, label = self.samples[(index + offset) % len(self.samples)]
-            try:
-                image = F.pil_to_tensor(load_image(path, self.min_size))
-            except BadImageError as e:
-                if self.on_bad_image == "error":
-                    raise
-                self._bad_log.record(e)
-                continue
-            return (self.transform(image) if self.transform is not None else image), label
-        raise UserError(f"{self.root}: none of the {len(self.samples)} images can be read")
+        (_, label), image = first_readable(
+            self.samples, index, lambda sample: F.pil_to_tensor(load_image(sample[0], self.min_size)), self._bad_log,
+            lambda: UserError(f"{self.root}: none of the {len(self.samples)} images can be read"))
+        return (self.transform(image) if self.transform is not None else image), label
 
     def bad_images(self, max_examples: int = 5) -> BadImageReport:
         """The distinct images skipped so far, by any process loading this dataset."""
@@ -141,7 +133,7 @@ class ImageFolderDataset(Dataset):
 
 class BadImageLog:
     """The skip records shared by a dataset's loading processes (see the module docstring). Each dataset that skips
-    bad images (`ImageFolderDataset`, `coco.CocoDetection`) creates one in the main process."""
+    bad images (`ImageFolderDataset`, `coco.CocoDetection`, `voc.SegmentationDataset`) creates one in the main process."""
 
     def __init__(self):
         fd, self.path = tempfile.mkstemp(prefix="mnv2-bad-images-", suffix=".tsv")
@@ -163,6 +155,21 @@ class BadImageLog:
         except FileNotFoundError:
             pass
         return BadImageReport(len(seen), list(seen.items())[:max_examples])
+
+
+def first_readable(items: list, index: int, read, log: BadImageLog | None, none_readable):
+    """(item, read(item)) for `items[index]`; with a `log` (on_bad_image="skip") the first item after it, wrapping
+    around, whose image reads, each unreadable one recorded in `log` (the batch keeps its size). Without a log the
+    BadImageError propagates; when no item reads, `none_readable()` is raised."""
+    for offset in range(len(items)):
+        item = items[(index + offset) % len(items)]
+        try:
+            return item, read(item)
+        except BadImageError as e:
+            if log is None:
+                raise
+            log.record(e)
+    raise none_readable()
 
 
 def _remove_if_owner(path: str, pid: int) -> None:

@@ -34,8 +34,8 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from ..errors import UserError
-from .imagefolder import BAD_IMAGE_POLICIES, BadImageLog, BadImageReport, is_image_file
-from .images import BadImageError, load_image
+from .imagefolder import BAD_IMAGE_POLICIES, BadImageLog, BadImageReport, first_readable, is_image_file
+from .images import load_image
 from .segmentation_transforms import IGNORE_INDEX
 
 VOC_CLASSES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -258,19 +258,11 @@ class SegmentationDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        # With "skip", try the following samples in turn: the batch keeps its size, and the bad file is recorded.
-        for offset in range(len(self.samples)):
-            sample = self.samples[(index + offset) % len(self.samples)]
-            try:
-                image = load_image(sample.image_path)
-            except BadImageError as e:
-                if self.on_bad_image == "error":
-                    raise
-                self._bad_log.record(e)
-                continue
-            return self._pair(sample, image)
-        raise SegmentationDataError(f"none of the {len(self.samples)} images (first {self.samples[0].image_path}) "
-                                    "can be read")
+        sample, image = first_readable(
+            self.samples, index, lambda s: load_image(s.image_path), self._bad_log,
+            lambda: SegmentationDataError(f"none of the {len(self.samples)} images (first "
+                                          f"{self.samples[0].image_path}) can be read"))
+        return self._pair(sample, image)
 
     def original_size(self, index: int) -> tuple[int, int]:
         """(height, width) of sample `index` at full resolution: its mask's size (the image is read in that frame)."""

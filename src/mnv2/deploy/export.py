@@ -4,9 +4,7 @@ The graph comes from the dynamo exporter (`torch.onnx.export(..., dynamo=True)`)
 in torch 2.14. The model's preprocessing, class names and build config go into the file's `metadata_props`, so
 `Predictor.from_onnx` needs nothing but the .onnx file.
 
-A segmentation model (`export_segmenter`) is exported with its batch, height and width free: input [N, 3, H, W],
-output "logits" [N, C, H, W], as the network runs at each image's own size; with a resolution, H = W = R are fixed
-(the image is then stretched to R x R and the mask resized back, mnv2.deploy.segment).
+Detectors continue in export_detection.py, segmentation models in export_segmentation.py.
 """
 
 from __future__ import annotations
@@ -38,9 +36,6 @@ META_MODEL, META_PREPROCESS, META_CLASSES, META_INT8 = ("mnv2.model", "mnv2.prep
 # META_TASK: "detection" (mnv2.deploy.export_detection) or "segmentation"; a file without it is a classifier.
 META_TASK, META_POSTPROCESS, META_CATEGORY_IDS = "mnv2.task", "mnv2.postprocess", "mnv2.category_ids"
 SEGMENTATION = "segmentation"
-# (batch, height, width) of the random inputs a segmentation graph is checked on: two aspect ratios, odd sizes that
-# no stride divides, and a batch of two.
-SEGMENTATION_CHECK_SHAPES = ((1, 96, 128), (2, 161, 97))
 
 
 def optional_import(module: str, extra: str, purpose: str):
@@ -104,6 +99,16 @@ def to_onnx(model: nn.Module, resolution: int, dynamic_batch: bool = True, opset
     return proto
 
 
+def check_target(out: str | Path, opset: int) -> Path:
+    """`out` as a Path, if its folder exists and `opset` is one we export; else the one-line error, before any work."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise UserError(f"{out}: output directory {out.parent} does not exist")
+    if opset < MIN_OPSET:
+        raise UserError(f"--opset must be at least {MIN_OPSET}, got {opset}")
+    return out
+
+
 def set_metadata(proto, metadata: dict[str, str]) -> None:
     """Add (or replace) metadata_props entries of an onnx.ModelProto."""
     kept = [(e.key, e.value) for e in proto.metadata_props if e.key not in metadata]
@@ -155,11 +160,7 @@ def export_onnx(model: nn.Module, config: dict, out: str | Path, resolution: int
     Atomic: the graph is written to a temporary file beside `out`, checked, then renamed; on any failure nothing
     appears at `out` (and an existing file there is left as it was).
     """
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise UserError(f"{out}: output directory {out.parent} does not exist")
-    if opset < MIN_OPSET:
-        raise UserError(f"--opset must be at least {MIN_OPSET}, got {opset}")
+    out = check_target(out, opset)
     preprocess = Preprocess.from_dict(config.get("preprocess"), resolution)
     model = model.eval()
     num_classes = _num_outputs(model, preprocess.resolution)
@@ -198,86 +199,3 @@ def read_metadata(proto) -> dict:
             except json.JSONDecodeError:
                 raise UserError(f"ONNX metadata {entry.key!r} is not valid JSON") from None
     return out
-
-
-# --- segmentation models -------------------------------------------------------------------------------------------
-
-def segmentation_preprocess(stored: dict | None, resolution: int | None = None,
-                            source: str = "segmentation model") -> Preprocess:
-    """A segmentation model's preprocessing from its stored settings: normalise only, the network at each image's
-    own size (resize "none", what `mnv2 eval` measures); with `resolution` -- or as stored by a fixed-size export --
-    the image stretched to R x R (resize "stretch"), the mask then resized back to the image's size."""
-    pre = dict(stored or {})
-    resize = pre.get("resize", "none")
-    if resize not in ("none", "stretch"):
-        raise UserError(f"{source}: preprocess resize {resize!r} is not a segmentation model's ('none' or "
-                        "'stretch')")
-    pre["resize"] = "stretch" if resolution is not None else resize
-    return Preprocess.from_dict(pre, resolution)
-
-
-def segmentation_class_names(names: list[str] | None, num_classes: int, source: str = "segmentation model"
-                             ) -> list[str]:
-    """The stored class names (background first), else "class_N"; never ImageNet's, which are not pixel classes."""
-    names = list(names or [f"class_{i}" for i in range(num_classes)])
-    if len(names) != num_classes:
-        raise UserError(f"{source}: the model predicts {num_classes} classes but has {len(names)} class names")
-    return names
-
-
-def segmentation_metadata(config: dict, preprocess: Preprocess, class_names: list[str]) -> dict[str, str]:
-    return {META_TASK: dumps(SEGMENTATION),
-            META_MODEL: dumps({"model": config.get("model"), "model_kwargs": config.get("model_kwargs", {})}),
-            META_PREPROCESS: dumps(preprocess.to_dict()), META_CLASSES: dumps(class_names)}
-
-
-def segmentation_onnx(model: nn.Module, config: dict, preprocess: Preprocess, opset: int = DEFAULT_OPSET):
-    """A segmentation model as an onnx.ModelProto: input [N, 3, H, W] -> "logits" [N, C, H, W], batch free, H and W
-    free unless `preprocess` stretches to a fixed size; metadata from `config` (as stored with its weights)."""
-    num_classes = _num_outputs(model.eval(), 32)
-    names = segmentation_class_names(config.get("class_names"), num_classes)
-    return to_onnx(model, preprocess.resolution, True, opset, segmentation_metadata(config, preprocess, names),
-                   dynamic_size=preprocess.resize == "none")
-
-
-@dataclass
-class SegmentationExportReport:
-    path: Path
-    resolution: int | None  # None: height and width are free
-    opset: int
-    checked_shapes: tuple[tuple[int, int, int], ...]  # (batch, height, width) compared with PyTorch
-    max_abs_diff: float
-    max_abs_logit: float
-    num_classes: int
-    size_bytes: int
-
-
-def export_segmenter(model: nn.Module, config: dict, out: str | Path, resolution: int | None = None,
-                     opset: int = DEFAULT_OPSET, atol: float = 1e-4) -> SegmentationExportReport:
-    """Write the segmentation model `model` (config as stored with its weights) to `out` as ONNX, only if
-    onnxruntime running the serialised graph matches PyTorch at two input sizes (SEGMENTATION_CHECK_SHAPES, or
-    batches 1 and 2 at a fixed `resolution`) to within `atol` times the largest |logit| (at least 1).
-
-    Relative, as a detector's heads are checked: float32 convolutions err in proportion to their values, and
-    per-pixel logits of a confident model reach the hundreds (a classifier's check stays absolute). Atomic: on any
-    failure nothing appears at `out` and a file already there is left as it was.
-    """
-    from ..atomic import atomic_write_bytes
-
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise UserError(f"{out}: output directory {out.parent} does not exist")
-    if opset < MIN_OPSET:
-        raise UserError(f"--opset must be at least {MIN_OPSET}, got {opset}")
-    model = model.eval()
-    preprocess = segmentation_preprocess(config.get("preprocess"), resolution)
-    data = segmentation_onnx(model, config, preprocess, opset).SerializeToString()
-    shapes = SEGMENTATION_CHECK_SHAPES if resolution is None else ((1, resolution, resolution),
-                                                                   (2, resolution, resolution))
-    diff, scale = max_difference(model, data, preprocess.resolution, shapes=shapes)
-    if not diff <= atol * max(1.0, scale):
-        raise UserError(f"{out}: exported graph differs from PyTorch by {diff:.3g} (> {atol:g} x largest |logit| "
-                        f"{scale:.3g}); not written")
-    atomic_write_bytes(out, data)
-    return SegmentationExportReport(out, resolution, opset, tuple(shapes), diff, scale,
-                                    _num_outputs(model, 32), len(data))

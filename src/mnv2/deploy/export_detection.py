@@ -37,7 +37,7 @@ from .export import (
     META_POSTPROCESS,
     META_PREPROCESS,
     META_TASK,
-    MIN_OPSET,
+    check_target,
     max_difference,
     optional_import,
     set_metadata,
@@ -317,11 +317,7 @@ def export_detector(model: nn.Module, config: dict, out: str | Path, dynamic_bat
     with PyTorch (`check_detection_graph`); atomic: on any failure nothing appears at `out`."""
     from ..atomic import atomic_write_bytes
 
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise UserError(f"{out}: output directory {out.parent} does not exist")
-    if opset < MIN_OPSET:
-        raise UserError(f"--opset must be at least {MIN_OPSET}, got {opset}")
+    out = check_target(out, opset)
     model = model.eval()
     spec = DetectorSpec.from_config(config, model.num_classes)
     data = detection_onnx(model, config, spec, dynamic_batch, opset, raw).SerializeToString()

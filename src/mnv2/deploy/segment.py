@@ -25,16 +25,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import UserError
-from .export import (
-    META_CLASSES,
-    META_PREPROCESS,
-    META_TASK,
-    SEGMENTATION,
-    load_source,
-    segmentation_class_names,
-    segmentation_onnx,
-    segmentation_preprocess,
-)
+from .export import META_CLASSES, META_PREPROCESS, META_TASK, SEGMENTATION
+from .export_segmentation import segmentation_class_names, segmentation_onnx, segmentation_preprocess
 from .preprocess import Preprocess, load_image
 from .runtime import Predictor, build_backend, inspect_onnx, onnx_backend_name, onnx_runner
 
@@ -91,14 +83,6 @@ class SegmentationPredictor(Predictor):
         graph = graph or (lambda: segmentation_onnx(model, config, preprocess).SerializeToString())
         runner = build_backend(name, model, preprocess.resolution, threads, calibration, graph)
         return cls(runner, name, preprocess, names, batch_size)
-
-    @classmethod
-    def from_weights(cls, path: str | Path, **kwargs) -> SegmentationPredictor:
-        return cls.from_model(*load_source(weights=path), **kwargs)
-
-    @classmethod
-    def from_run(cls, run_dir: str | Path, **kwargs) -> SegmentationPredictor:
-        return cls.from_model(*load_source(run=run_dir), **kwargs)
 
     @classmethod
     def from_onnx(cls, path: str | Path, backend: str | None = None, threads: int | None = None,

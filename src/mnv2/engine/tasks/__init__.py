@@ -25,6 +25,8 @@ class Evaluator(Protocol):
 
 
 class Task(Protocol):
+    name: str  # "classification", "detection", "segmentation"
+    cfg: Config
     best_metric: str  # the metric (higher is better) that picks best.safetensors
     class_names: list[str]
 
@@ -52,6 +54,39 @@ def build_task(cfg: Config, data_root: Path) -> Task:
     from importlib import import_module
     module, name = TASKS[cfg.task]
     return getattr(import_module(f".{module}", __name__), name)(cfg, Path(data_root))
+
+
+def build_task_model(task: Task, allowed: tuple[str, ...], kind: str) -> nn.Module:
+    """The model `task.model_spec()` names, if it is one of `allowed` (a task's models; `kind` names them in the
+    error), with its backbone started from `model.backbone_weights` when the config gives a classifier file."""
+    from ...models import create_model
+
+    name, kwargs = task.model_spec()
+    if name not in allowed:
+        raise UserError(f"model.name: {name!r} is not {kind} (available: {', '.join(allowed)}; the {task.name} "
+                        f"recipes set it)")
+    model = create_model(name, **kwargs)
+    if task.cfg.model.backbone_weights:
+        load_backbone_weights(model, task.cfg.model.backbone_weights)
+    return model
+
+
+def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
+    """Initialise a detector's or segmentation model's backbone from a classifier weights file (the paper starts
+    from ImageNet weights)."""
+    from safetensors.torch import load_file
+
+    from ...weights import read_config
+
+    config = read_config(path)  # a UserError naming the file if it is not an mnv2 weights file
+    if not hasattr(model, "load_backbone_state"):
+        raise UserError(f"model.backbone_weights: {type(model).__name__} has no backbone to initialise")
+    kwargs = config.get("model_kwargs", {})
+    width = getattr(model, "width_mult", None)
+    if width is not None and kwargs.get("width_mult", 1.0) != width:
+        raise UserError(f"{path}: backbone weights of width {kwargs.get('width_mult', 1.0)} cannot initialise a "
+                        f"width {width} {type(model).__name__} (set model.width to match)")
+    model.load_backbone_state(load_file(str(path)), source=str(path))
 
 
 @torch.no_grad()

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...errors import UserError
 from .. import distributed
 from ..config import Config
+from . import build_task_model
 
 DETECTORS = ("ssdlite_mobilenet_v2",)
 
@@ -86,16 +86,7 @@ class DetectionTask:
                       "image_size": self.cfg.data.resolution, **m.kwargs}
 
     def build_model(self) -> nn.Module:
-        from ...models import create_model
-
-        name, kwargs = self.model_spec()
-        if name not in DETECTORS:
-            raise UserError(f"model.name: {name!r} is not a detector (detectors: {', '.join(DETECTORS)}; the "
-                            f"detection recipes set it)")
-        model = create_model(name, **kwargs)
-        if self.cfg.model.backbone_weights:
-            load_backbone_weights(model, self.cfg.model.backbone_weights)
-        return model
+        return build_task_model(self, DETECTORS, "a detector")
 
     @property
     def anchors(self) -> torch.Tensor:
@@ -179,20 +170,3 @@ class DetectionEvaluator:
             metrics, self.summary = coco_evaluate(self.dataset.coco, self.results, self.dataset.image_ids)
             metrics["images"] = len(merged)
         return distributed.broadcast_object(metrics, ctx)
-
-
-def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
-    """Initialise a detector's backbone from a classifier weights file (the paper starts from ImageNet weights)."""
-    from safetensors.torch import load_file
-
-    from ...weights import read_config
-
-    config = read_config(path)  # a UserError naming the file if it is not an mnv2 weights file
-    if not hasattr(model, "load_backbone_state"):
-        raise UserError(f"model.backbone_weights: {type(model).__name__} has no backbone to initialise")
-    kwargs = config.get("model_kwargs", {})
-    width = getattr(model, "width_mult", None)
-    if width is not None and kwargs.get("width_mult", 1.0) != width:
-        raise UserError(f"{path}: backbone weights of width {kwargs.get('width_mult', 1.0)} cannot initialise a "
-                        f"width {width} detector (set model.width to match)")
-    model.load_backbone_state(load_file(str(path)), source=str(path))

@@ -17,6 +17,7 @@ from ...errors import UserError
 from ...eval.segmentation import IGNORE_INDEX, confusion_matrix, predict_probabilities, segmentation_metrics
 from .. import distributed
 from ..config import Config
+from . import build_task_model
 
 SEGMENTERS = ("deeplabv3_mobilenet_v2", "deeplabv3_mobilenet_v1")
 
@@ -102,17 +103,7 @@ class SegmentationTask:
                         **m.kwargs}
 
     def build_model(self) -> nn.Module:
-        from ...models import create_model
-        from .detection import load_backbone_weights
-
-        name, kwargs = self.model_spec()
-        if name not in SEGMENTERS:
-            raise UserError(f"model.name: {name!r} is not a segmentation model (available: {', '.join(SEGMENTERS)}; "
-                            f"the segmentation recipes set it)")
-        model = create_model(name, **kwargs)
-        if self.cfg.model.backbone_weights:
-            load_backbone_weights(model, self.cfg.model.backbone_weights)
-        return model
+        return build_task_model(self, SEGMENTERS, "a segmentation model")
 
     # ---- training -----------------------------------------------------------------------------------------------
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
