@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from mnv2.atomic import atomic_write_text
 from mnv2.bench.detection import DEPLOY_THRESHOLD, NMS_BOXES, measure
 from mnv2.bench.latency import BASELINE
 from mnv2.bench.report import cpu_name, replace_section
@@ -31,7 +32,7 @@ HEADING = "## Detection inference"
 ROOT = Path(__file__).resolve().parent.parent
 FP32 = ("torch", "torch-fast", "onnxruntime", "openvino")
 INT8 = ("onnxruntime-int8", "openvino-int8")
-TARGETS = {"fp32": 3.0, "int8": 6.0}  # end-to-end speed-up over torchvision's SSDLite (the targets)
+TARGETS = {"fp32": 3.0, "int8": 6.0}  # end-to-end speed-up over torchvision's SSDLite aimed for
 
 
 def run(args) -> list[dict]:
@@ -154,7 +155,7 @@ def main() -> int:
     args = p.parse_args()
     results = json.loads(args.from_json.read_text()) if args.from_json else run(args)
     if args.json and not args.from_json:
-        args.json.write_text(json.dumps(results, indent=2))
+        atomic_write_text(args.json, json.dumps(results, indent=2))
     text = render(results, args)
     if args.no_write:
         print(text)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mnv2.atomic import atomic_write_text
 from mnv2.bench.latency import measure
 from mnv2.bench.report import replace_section
 
@@ -127,7 +128,7 @@ def main() -> int:
     args.repeats = args.repeats or (20 if args.quick else 50)
     results = json.loads(args.from_json.read_text()) if args.from_json else run(args)
     if args.json and not args.from_json:
-        args.json.write_text(json.dumps(results, indent=2))
+        atomic_write_text(args.json, json.dumps(results, indent=2))
     replace_section(args.out, "## Inference", render(results, args))
     print(f"wrote the Inference section of {args.out}", file=sys.stderr)
     return 0

@@ -28,7 +28,7 @@ all of them alike, under `torch.inference_mode`, batch 1, fixed intra-op threads
 `mobilenet_v2` eager (random weights, random BN statistics), our model with BN folded (`mnv2.deploy.fold_bn`) in NCHW
 and channels_last, and `mnv2.deploy.tsplit(model, t)`, which computes every bottleneck (and the stem fused with the first
 block) as the t-way split sum of section 5.1, channels_last, one inner slice alive at a time, on the kernels named in
-the header line ('native': `mnv2.native`, else the reason they were not used). Targets (issue 4): at t = 4,
+the header line ('native': `mnv2.native`, else the reason they were not used). Targets: at t = 4,
 >= 3x lower peak than torchvision eager, latency <= 1.10x our fastest unsplit model -- the fastest of the folded model
 (either layout) and the split executor at t = 1, which runs the same kernels on one slice."""
 

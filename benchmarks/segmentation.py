@@ -1,4 +1,4 @@
-"""Segmentation benchmarks (issue 12, Mobile DeepLabv3) -> the `## Segmentation inference` and `## Segmentation
+"""Segmentation benchmarks (Mobile DeepLabv3, paper Table 7) -> the `## Segmentation inference` and `## Segmentation
 memory` sections of BENCHMARKS.md.
 
 Inference: the on-device model (deeplabv3_mobilenet_v2 1.0, OS 16, no ASPP, 21 classes) at 512x512, batch 1, end to
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from mnv2.atomic import atomic_write_text
 from mnv2.bench.memory import SEGMENTATION_RESOLUTIONS, SEGMENTATION_SPLITS, format_markdown, run_segmentation
 from mnv2.bench.report import cpu_name, replace_section
 from mnv2.bench.segmentation import (
@@ -49,7 +50,7 @@ LATENCY_HEADING = "## Segmentation inference"
 MEMORY_HEADING = "## Segmentation memory"
 ROOT = Path(__file__).resolve().parent.parent
 LRASPP, DEEPLAB = PEERS
-TARGETS = {LRASPP: 1.5, DEEPLAB: 4.0, "int8": 2.0}  # issue 12: fp32 vs each peer; int8 vs our fp32
+TARGETS = {LRASPP: 1.5, DEEPLAB: 4.0, "int8": 2.0}  # speed-up aimed for: fp32 vs each peer; int8 vs our fp32
 
 LATENCY_METHOD = f"""\
 End to end at batch 1: a preprocessed 512x512 float image (a synthetic scene, ImageNet-normalised) in, the per-pixel
@@ -84,7 +85,7 @@ forward up to its F.interpolate (`backbone` then `classifier`: `mnv2.bench.segme
 eager, ours (`deeplabv3_mobilenet_v2` 1.0, OS 16, no ASPP, 21 classes) eager and BN-folded channels_last, and
 `mnv2.deploy.tsplit(model, t)` -- the atrous backbone's bottlenecks as t-way split sums, the head whole. BN statistics
 from synthetic scenes; latency as in the memory section (median and 25th-75th percentile, variants interleaved run by
-run). The best t is the fastest split whose peak is at least 3x below torchvision's DeepLabV3 (the issue's target),
+run). The best t is the fastest split whose peak is at least 3x below torchvision's DeepLabV3 (the target),
 or the lowest peak if none is."""
 
 
@@ -216,7 +217,7 @@ def main() -> int:
                                                args.threads[-1])
             print(f"memory: {time.time() - t:.0f} s", file=sys.stderr)
         if args.json:
-            args.json.write_text(json.dumps(saved, indent=2))
+            atomic_write_text(args.json, json.dumps(saved, indent=2))
     sections = []
     if saved.get("inference"):
         sections.append((LATENCY_HEADING, render_latency(saved["inference"], args)))

@@ -40,6 +40,15 @@ def keras_reference(alpha: float, include_top: bool = True, size: int = 224):
     model = keras.applications.MobileNetV2(weights=None, alpha=alpha, include_top=include_top,
                                            input_shape=(size, size, 3), **kwargs)
     rng = np.random.default_rng(0)
+    randomise_keras_bn(model, rng, size)
+    x = rng.normal(size=(2, size, size, 3)).astype("float32")
+    return model, x, keras.ops.convert_to_numpy(model(x, training=False))
+
+
+def randomise_keras_bn(model, rng: np.random.Generator, size: int):
+    """`randomise_bn` for a Keras model (its own layers, not those of nested models): random BN scale/shift, batch
+    statistics of one random batch, perturbed. Returns `model`."""
+    import keras
     bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     for bn in bns:
         c = bn.gamma.shape[0]
@@ -53,8 +62,7 @@ def keras_reference(alpha: float, include_top: bool = True, size: int = 224):
         bn.moving_mean.assign((mean + rng.normal(0, 0.1, c) * np.sqrt(var)).astype("float32"))
         bn.moving_variance.assign((var * rng.uniform(0.7, 1.4, c)).astype("float32"))
         bn.momentum = 0.99
-    x = rng.normal(size=(2, size, size, 3)).astype("float32")
-    return model, x, keras.ops.convert_to_numpy(model(x, training=False))
+    return model
 
 
 def write_keras2_h5(model, path):

@@ -34,6 +34,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def umask_027():
+    """umask 027 (restored afterwards): a file written as `open(path, "w")` writes it is then 0640, a folder 0750,
+    neither mkstemp's 0600 nor the usual 0644."""
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
 @pytest.fixture(params=["native", "pytorch"])
 def split_path(request, monkeypatch):
     """Run a test on the t-split's native kernels (where they build) and on its PyTorch slice loop (restored

@@ -20,7 +20,7 @@ ENV = {**os.environ, "MNV2_ALLOCATOR": "system"}
 
 def mnv2_eval(*args):
     proc = subprocess.run([sys.executable, "-m", "mnv2.cli.main", "eval", *args], capture_output=True, text=True,
-                          env=ENV, timeout=300)
+                          env=ENV, timeout=300, check=False)
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -74,3 +74,35 @@ def test_eval_errors_are_one_line(tmp_path):
                       preprocess={"mean": [0, 0, 0], "std": [1, 1, 1], "resolution": 32, "crop_fraction": 1.0})
     code, _, err = mnv2_eval("--weights", str(path), "--data", str(data))
     assert code == 2 and "Traceback" not in err and "5 outputs but the data has 3 class folders" in err
+
+
+def test_eval_device_and_progress_in_a_log_file(tmp_path):
+    """--device cpu evaluates; with stderr a file (a CI log), progress is one plain line per weights file, no '\\r'."""
+    data = colour_folder(tmp_path / "data")
+    model = create_model("mobilenet_v2", width_mult=0.35, num_classes=3)
+    path = save_model(tmp_path / "w.safetensors", model, "mobilenet_v2", {"width_mult": 0.35, "num_classes": 3},
+                      preprocess={"mean": [0, 0, 0], "std": [1, 1, 1], "resolution": 32, "crop_fraction": 1.0})
+    log = tmp_path / "eval.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.run([sys.executable, "-m", "mnv2.cli.main", "eval", "--weights", str(path), "--data",
+                               str(data), "--device", "cpu", "--workers", "0", "--batch-size", "2"],
+                              stdout=subprocess.PIPE, stderr=stderr, text=True, env=ENV, timeout=300, check=False)
+    err = log.read_text()
+    assert proc.returncode == 0, err
+    assert "top-1" in proc.stdout and "(12 images of" in proc.stdout
+    assert "\r" not in err
+    lines = err.splitlines()  # 12 images in batches of 2: one line, when the loop ends
+    assert len(lines) == 1 and lines[0].startswith("eval: 6/6 in "), err
+
+
+def test_eval_bad_device_is_one_line(tmp_path):
+    code, _, err = mnv2_eval("--weights", str(tmp_path / "w.safetensors"), "--data", str(tmp_path), "--device", "gpu")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--device" in err and "'gpu'" in err and "cpu" in err
+    if not torch.cuda.is_available():
+        data = colour_folder(tmp_path / "data")
+        model = create_model("mobilenet_v2", width_mult=0.35, num_classes=3)
+        path = save_model(tmp_path / "w.safetensors", model, "mobilenet_v2", {"width_mult": 0.35, "num_classes": 3},
+                          preprocess={"mean": [0, 0, 0], "std": [1, 1, 1], "resolution": 32, "crop_fraction": 1.0})
+        code, _, err = mnv2_eval("--weights", str(path), "--data", str(data), "--device", "cuda")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and "no CUDA device" in err, err

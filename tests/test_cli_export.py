@@ -1,6 +1,7 @@
 """`mnv2 export` end to end in a subprocess: a verified ONNX file, an int8 file with its agreement, one-line errors."""
 
 import json
+import stat
 
 import numpy as np
 import onnx
@@ -42,15 +43,19 @@ def test_export_weights_to_onnx_matches_pytorch(tmp_path):
     assert meta["mnv2.class_names"] == CLASS_NAMES
 
 
-def test_export_int8_reports_agreement_on_held_out_images(tmp_path):
+def test_export_int8_reports_agreement_on_held_out_images(tmp_path, umask_027):
+    """Calibrated on 16 images; agreement measured on at most --agreement-images of the other 48; the file's mode is
+    the umask's (0640 here), as for any file mnv2 writes."""
     out = tmp_path / "int8.onnx"
     calib = shapes_dir()
-    n_images = len(list(calib.rglob("*.jpg")))
+    assert len(list(calib.rglob("*.jpg"))) - 16 > 20
     r = mnv2_inprocess("export", "--weights", str(_weights(tmp_path)), "--int8", "--calib", str(calib),
-                       "--calib-images", "16", "--dynamic-batch", "--out", str(out), "--json")
+                       "--calib-images", "16", "--agreement-images", "20", "--dynamic-batch", "--out", str(out),
+                       "--json")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
-    assert report["calib_images"] == 16 and report["heldout_images"] == n_images - 16
+    assert report["calib_images"] == 16 and report["heldout_images"] == 20
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
     by_backend = report["agreement_by_backend"]
     assert set(by_backend) == {b for b in INT8_BACKENDS if is_installed(b)}
     assert all(0.0 <= a <= 1.0 for a in by_backend.values())
@@ -59,6 +64,7 @@ def test_export_int8_reports_agreement_on_held_out_images(tmp_path):
     assert "QuantizeLinear" in {n.op_type for n in graph.graph.node}
     info = {e.key: json.loads(e.value) for e in graph.metadata_props}["mnv2.int8"]
     assert info["top1_agreement_by_backend"] == by_backend and info["calib_images"] == 16
+    assert info["heldout_images"] == 20
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8.onnx", "model.json", "model.safetensors"]
 
 
@@ -77,6 +83,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
         (["--weights", str(weights), "--int8"], "--int8 needs --calib"),
         (["--weights", str(weights), "--int8", "--calib", str(empty)], "no image files"),
         (["--weights", str(weights), "--opset", "12"], "opset must be at least 17"),
+        (["--weights", str(weights), "--int8", "--calib", str(empty), "--agreement-images", "0"],
+         "--agreement-images must be at least 1"),
     ]
     for i, (args, fragment) in enumerate(cases):
         # two as the user runs them (fresh interpreter, console output), the rest through the same entry point

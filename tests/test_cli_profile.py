@@ -137,3 +137,28 @@ def test_profile_table7_prints_every_row():
         if network != "ResNet-101":  # ours equals the paper's params at its precision
             assert cells.count(f"{params:.2f}M") == 2
     assert "513 TF atrous" in r.stdout and "941.9B" in r.stdout  # the footnote explains the differences
+
+
+def test_profile_grid_says_what_the_zoo_params_count(capsys, one_thread):
+    """The 'zoo params' column is the TF-Slim release's count, which leaves BN's scale and offset out: the screen says
+    so, and our count without BN agrees with it at every width (ours with BN does not)."""
+    from mnv2.cli.main import main
+    assert main(["profile", "--grid"]) == 0
+    out = capsys.readouterr().out
+    assert "zoo params*" in out and "w/o BN" in out
+    assert "* zoo params: the TF-Slim release's parameter counts (1001 classes)" in out and "leaves BN out" in out
+    assert main(["profile", "--grid", "--json"]) == 0
+    for row in json.loads(capsys.readouterr().out):
+        assert round(row["params_without_bn"] / 1e6, 2) == row["paper_params_m"], row
+        assert round(row["params"] / 1e6, 2) != row["paper_params_m"], row
+
+
+def test_profile_memory_says_shufflenet_paper_cells_are_g2(capsys, one_thread):
+    """Table 3's ShuffleNet column is headed g=3 but its cells are the g=2 widths, beside our g=3 model: on screen."""
+    from mnv2.cli.main import main
+    assert main(["profile", "shufflenet_v1", "--memory"]) == 0
+    out = capsys.readouterr().out
+    assert "note: the paper's ShuffleNet column is headed (2x, g=3)" in out
+    assert "are the g=2 2x widths; ours are the g=3 2x model's (480 / 960 / 1920" in out
+    assert main(["profile", "mobilenet_v2", "--memory"]) == 0
+    assert "note:" not in capsys.readouterr().out

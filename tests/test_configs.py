@@ -86,6 +86,34 @@ def test_paper_recipe_is_the_paper_s():
     assert cfg.train.batch_size == 96
 
 
+TF_SLIM_RECIPES = sorted(p for p in RECIPES if p.name.startswith("imagenet_mnv2_") and not p.stem.endswith("_tv2"))
+
+
+@pytest.mark.parametrize("path", TF_SLIM_RECIPES, ids=lambda p: p.name)
+def test_paper_recipes_train_as_tf_slim(path: Path, tmp_path):
+    """PAPER.md section 5 / TF-Slim's training scope: BN decay 0.997 (momentum 0.003) and epsilon 1e-3 on the model
+    the recipe builds, weight decay on regular conv and FC kernels only, the paper's 0.98 per epoch, and TF's EMA
+    with its num_updates warm-up."""
+    from mnv2.engine.tasks import build_task
+
+    cfg = load_config(path)
+    task = build_task(cfg, tmp_path)
+    task.class_names = [str(i) for i in range(10)]
+    bns = [m for m in task.build_model().modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and {(m.momentum, m.eps) for m in bns} == {(0.003, 1e-3)}
+    assert (cfg.optim.decay_scope, cfg.optim.weight_decay) == ("tf_slim", 4e-5)
+    assert (cfg.schedule.name, cfg.schedule.gamma, cfg.schedule.decay_epochs) == ("exponential", 0.98, 1.0)
+    assert (cfg.train.ema_decay, cfg.train.ema_warmup) == (0.9999, True)
+
+
+def test_torchvision_recipe_keeps_pytorch_bn():
+    """torchvision's V2 recipe trained with PyTorch's BN defaults and no decay on norm layers (PAPER.md section 5)."""
+    cfg = load_config(recipes_dir() / "imagenet_mnv2_1.0_224_tv2.yaml")
+    model = create_model(cfg.model.name, width_mult=cfg.model.width, num_classes=10, **cfg.model.kwargs)
+    assert {(m.momentum, m.eps) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {(0.1, 1e-5)}
+    assert cfg.optim.decay_scope == "no_norm_bias" and not cfg.train.ema_warmup
+
+
 def test_overrides_and_unknown_keys(tmp_path):
     cfg = load_config(recipes_dir() / "demo.yaml", ["optim.lr=0.1", "data.scale=[0.5, 1.0]", "model.kwargs={bn_eps: 0.001}"])
     assert cfg.optim.lr == 0.1 and cfg.data.scale == (0.5, 1.0) and cfg.model.kwargs == {"bn_eps": 0.001}

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +155,15 @@ def test_failed_write_leaves_the_previous_dataset_intact(tmp_path, monkeypatch):
         write_dataset(tmp_path, "classify", images=16, size=32, seed=2)
     assert digest(tmp_path / "classify") == before
     assert [p.name for p in tmp_path.iterdir()] == ["classify"]
+
+
+def test_dataset_modes_follow_the_umask(tmp_path, umask_027):
+    """The task folder is built in a private temporary folder and renamed into place: it must end up with the mode a
+    plain mkdir gives (0750 under umask 027), not the temporary folder's 0700."""
+    root = write_dataset(tmp_path, "segment", images=5, size=32)
+    paths = [root, *root.rglob("*")]
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in paths if p.is_dir()} == {oct(0o750)}
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in paths if p.is_file()} == {oct(0o640)}
 
 
 def test_bad_arguments_are_user_errors_and_write_nothing(tmp_path):

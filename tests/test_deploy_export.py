@@ -1,6 +1,8 @@
 """ONNX export: parity with PyTorch across widths and resolutions, dynamic batch, BN folded, metadata, atomic writes."""
 
 import json
+import os
+import stat
 
 import numpy as np
 import onnx
@@ -74,6 +76,26 @@ def test_failed_check_writes_nothing_and_keeps_existing_file(tmp_path):
         export_onnx(model, {"model": "mobilenet_v2"}, out, resolution=32, atol=-1.0)
     assert out.read_bytes() == b"previous contents"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.onnx"]
+
+
+def test_exported_file_follows_the_umask_and_a_failed_write_keeps_the_old_one(tmp_path, umask_027, monkeypatch):
+    """Readable by whoever the umask lets read it (not mkstemp's 0600); a write that fails on the way to the disk
+    (here fsync, as on a full or failing disk) leaves the previous file and no temporary."""
+    model = random_model(lambda: mnv2.create_model("mobilenet_v2", width_mult=0.35, num_classes=10), 32)
+    out = tmp_path / "model.onnx"
+    export_onnx(model, {"model": "mobilenet_v2"}, out, resolution=32)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    before = out.read_bytes()
+
+    def fail(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="No space left"):
+        export_onnx(model, {"model": "mobilenet_v2"}, out, resolution=32, dynamic_batch=True)
+    monkeypatch.undo()
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
 
 
 def test_bad_arguments_are_user_errors(tmp_path):

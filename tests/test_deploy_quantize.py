@@ -59,3 +59,14 @@ def test_split_calibration_holds_images_out():
     assert split_calibration(images, 3)[0] == calib[:3]  # seeded: the same images every time
     with pytest.raises(UserError, match="at least 2 images"):
         split_calibration(images[:1], 10)
+
+
+def test_split_calibration_caps_the_held_out_images():
+    """`mnv2 export --int8 --agreement-images N`: a big folder measures agreement on N of its images, a seeded random
+    sample of the images calibration did not see."""
+    images = [f"img{i}.jpg" for i in range(1000)]
+    calib, all_held_out = split_calibration(images, 200)
+    calib_capped, held_out = split_calibration(images, 200, heldout_images=500)
+    assert calib_capped == calib and len(all_held_out) == 800
+    assert len(held_out) == 500 and set(held_out) <= set(all_held_out)
+    assert split_calibration(images, 200, heldout_images=5000)[1] == all_held_out  # a cap above the count: all

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -87,3 +88,59 @@ def test_two_process_detection_gathers_every_rank_s_detections(tmp_path):
     # Not bit-equal: the ranks ran the convs on batches of 2 and 1 images, one process on a batch of 3, and the
     # near-tied scores of a barely trained detector can then swap places at the top-100 cut.
     assert single["images"] == 3 and single["AP"] == pytest.approx(best["metrics"]["AP"], abs=0.01)
+
+
+def torchrun(tmp_path, port, *args, cwd=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m",
+           "mnv2.cli.main", "train", "--out", str(tmp_path / "run"), "--width", "0.35", "--resolution", "32",
+           "--epochs", "1", "--batch-size", "2", "--workers", "0", "--no-progress", "--set", "train.threads=1",
+           "--set", "train.amp=fp32", *args]
+    env = {**os.environ, "MNV2_ALLOCATOR": "system", "MNV2_DIST_TIMEOUT": "120"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=280, env=env, check=False, cwd=cwd)
+
+
+def corrupt(data, names):
+    for name in names:
+        (data / "train" / "red" / name).write_bytes(b"not an image at all")
+
+
+def test_a_bad_image_on_one_rank_stops_both_with_its_error_once(tmp_path):
+    """One rank meets an unreadable image. The two ranks are started by hand, as on two machines, where no torchrun
+    agent kills the survivor: both must stop by themselves (agreeing on stopping, not waiting in an all-reduce until the
+    120 s process-group timeout), and the error must be printed once."""
+    data = colour_folder(tmp_path / "data", n_train=8, n_val=2)
+    corrupt(data, ["3.png"])
+    cmd = [sys.executable, "-m", "mnv2.cli.main", "train", "--data", str(data), "--out", str(tmp_path / "run"),
+           "--width", "0.35", "--resolution", "32", "--epochs", "1", "--batch-size", "2", "--workers", "0",
+           "--no-progress", "--set", "train.threads=1", "--set", "train.amp=fp32"]
+    base = {**os.environ, "MNV2_ALLOCATOR": "system", "MNV2_DIST_TIMEOUT": "120", "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29733", "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    start = time.monotonic()
+    errs = [rank.communicate(timeout=200)[1] for rank in ranks]
+    assert time.monotonic() - start < 100  # not the 120 s timeout
+    assert [rank.returncode for rank in ranks] == [2, 2], errs
+    lines = [line for err in errs for line in err.splitlines()]
+    assert all("Traceback" not in line for line in lines), errs
+    ours = [line for line in lines if line.startswith("mnv2 train: error:")]
+    assert len(ours) == 1 and "3.png" in ours[0], errs
+    assert not (tmp_path / "run" / "best.safetensors").exists()
+
+
+def test_skipped_images_are_reported_from_every_rank(tmp_path):
+    """`--on-bad-image skip` under torchrun: the report lists the unreadable images both ranks met."""
+    data = colour_folder(tmp_path / "data", n_train=8, n_val=2)
+    bad = ["0.png", "1.png", "2.png", "3.png", "4.png", "5.png"]  # 6 of 24 training images: both ranks meet some
+    corrupt(data, bad)
+    proc = torchrun(tmp_path, 29734, "--data", str(data), "--on-bad-image", "skip")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "train: 6 unreadable images skipped" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_the_embedded_data_is_prepared_by_one_rank(tmp_path):
+    """Without --data both ranks need ./data/shapes: local rank 0 writes it while the other waits, then both train."""
+    proc = torchrun(tmp_path, 29735, "--set", "train.max_steps=1", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("data: the embedded shapes dataset") == 1
+    assert (tmp_path / "run" / "last.pt").is_file() and (tmp_path / "data" / "shapes" / "classify").is_dir()

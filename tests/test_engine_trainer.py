@@ -52,7 +52,7 @@ def test_short_run_learns_and_writes_the_run_dir(tmp_path):
     _model, meta = load_model(run / "best.safetensors")
     assert meta["class_names"] == ["blue", "green", "red"]
     assert meta["preprocess"] == {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "resolution": 64,
-                                  "crop_fraction": 1.0, "interpolation": "bilinear"}
+                                  "crop_fraction": 1.0, "interpolation": "bilinear", "resize": "crop"}
     assert meta["metrics"]["top1"] == pytest.approx(result.best["value"])
     assert (run / "ema.safetensors").is_file() and "ema" in result.metrics
     state = load_checkpoint(run / "last.pt")

@@ -172,3 +172,24 @@ class TestAblations:
             InvertedResidual(8, 8, 1, 6, shortcut="sideways")
         with pytest.raises(ValueError):
             create_model("mobilenet_v2", output_stride=4)
+
+
+def test_bn_momentum_and_eps_from_kwargs(tmp_path):
+    """TF-Slim's BN (decay 0.997, epsilon 1e-3) as model kwargs: every BN gets them, parameters and state-dict keys do
+    not change, and a weights file records them so load_model rebuilds the same BN."""
+    from mnv2.weights import load_model, save_model
+
+    kwargs = {"width_mult": 0.35, "num_classes": 10, "bn_momentum": 0.003, "bn_eps": 1e-3}
+    model = create_model("mobilenet_v2", **kwargs)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == 1 + 16 + 17 + 17 + 1  # stem, 16 expansions, 17 depthwise, 17 projections, the 1280 conv
+    assert {(m.momentum, m.eps) for m in bns} == {(0.003, 1e-3)}
+    default = create_model("mobilenet_v2", width_mult=0.35, num_classes=10)
+    assert {(m.momentum, m.eps) for m in default.modules() if isinstance(m, nn.BatchNorm2d)} == {(0.1, 1e-5)}
+    assert count_params(model) == count_params(default)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in default.state_dict().items()}
+    loaded, config = load_model(save_model(tmp_path / "w.safetensors", model, "mobilenet_v2", kwargs))
+    assert config["model_kwargs"]["bn_momentum"] == 0.003
+    assert {(m.momentum, m.eps) for m in loaded.modules() if isinstance(m, nn.BatchNorm2d)} == {(0.003, 1e-3)}
+    with pytest.raises(ValueError, match="bn_momentum"):
+        create_model("mobilenet_v2", bn_momentum=0.0)  # running statistics that never move

@@ -22,6 +22,12 @@ def _umask() -> int:
     return mask
 
 
+def plain_mode(directory: bool = False) -> int:
+    """The mode `open(path, "w")` (0666) or `mkdir` (0777) gives under the current umask; for what is made with
+    `tempfile`'s private 0600 / 0700 and then put in place."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 def fsync_dir(directory: str | Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -41,7 +47,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, plain_mode())
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:

@@ -7,3 +7,8 @@ class UserError(Exception):
     The message must name the file, field or value and say what is wrong; the CLI prints it as one line and exits
     non-zero, without a traceback.
     """
+
+
+class PeerError(UserError):
+    """Another process of a torchrun job failed with a `UserError`; this one stops too. Rank 0 reports the original
+    error; the CLI prints nothing for a `PeerError` on the other ranks, so the job's error appears once."""

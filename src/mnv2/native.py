@@ -9,7 +9,6 @@ callers run PyTorch code that computes the same function, slower.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import platform
@@ -53,6 +52,10 @@ def _command(compiler: str, out: Path) -> list[str]:
 
 def _build() -> Path:
     """The compiled library for this source / torch / CPU, built now if the cache does not have it."""
+    try:  # POSIX only: imported here so that `import mnv2.deploy` works where it is absent (Windows)
+        import fcntl
+    except ImportError:
+        raise RuntimeError("no fcntl module to lock the build cache (not a POSIX system)") from None
     compiler = os.environ.get("CXX", "g++")
     parts = [*(p.read_bytes() for p in SOURCES), torch.__version__, " ".join(FLAGS), compiler, platform.machine(),
              _cpu_flags()]

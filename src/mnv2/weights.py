@@ -55,11 +55,20 @@ def read_config(path: str | Path) -> dict:
         raise UserError(f"{path}: model config is not valid JSON ({e})") from None
 
 
+def read_weights(path: str | Path, map_location: str = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, stored config) of an mnv2 weights file: the one reader behind `load_model`, `--init-weights` and
+    `model.backbone_weights`."""
+    config = read_config(path)  # a UserError naming the file if it is not an mnv2 weights file
+    try:
+        return load_file(str(path), device=map_location), config
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def load_model(path: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild the model stored in `path` and load its weights; returns (model in eval mode, config)."""
-    config = read_config(path)
+    state, config = read_weights(path, map_location)
     model = create_model(config["model"], **config.get("model_kwargs", {}))
-    state = load_file(str(path), device=map_location)
     load_state_dict_strict(model, state, source=str(path))
     return model.eval(), config
 

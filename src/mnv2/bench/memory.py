@@ -198,7 +198,7 @@ def _met(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-# --- Mobile DeepLabv3 (issue 12): peak activations up to the logits at the output stride ---------------------------
+# --- Mobile DeepLabv3 (paper Table 7): peak activations up to the logits at the output stride ----------------------
 
 SEGMENTERS = ("deeplabv3_mobilenet_v2",)  # the t-split needs bottlenecks: Mobile DeepLabv3 on MobileNetV2
 SEGMENTATION_RESOLUTIONS = (512, 1024)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import re
-import tempfile
 from pathlib import Path
+
+from ..atomic import atomic_write_text
 
 
 def replace_section(path: str | Path, heading: str, text: str) -> None:
@@ -17,10 +17,7 @@ def replace_section(path: str | Path, heading: str, text: str) -> None:
     section = re.compile(rf"^{re.escape(heading)}[ \t]*\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
     body = text.strip("\n") + "\n\n"
     new = section.sub(lambda _: body, old, count=1) if section.search(old) else old.rstrip("\n") + "\n\n" + body
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".md.tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(new.rstrip("\n") + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, new.rstrip("\n") + "\n")
 
 
 def cpu_name() -> str:

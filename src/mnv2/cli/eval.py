@@ -25,6 +25,8 @@ def register(sub) -> None:
                    "name otherwise (default: val, or the run's own val split)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="data loading worker processes")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the model runs (default auto: CUDA when present, else CPU, as `mnv2 train` chooses)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--save-detections", metavar="FILE.json", help="detector: write the best weights' detections as "
                    "a COCO results file (original category ids, [x, y, w, h] pixels)")
@@ -35,11 +37,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..data import build_classification_loader, eval_preset
+    from ..data import build_classification_loader
+    from ..data.transforms import eval_preset_for
     from ..eval.classification import evaluate
     from ..weights import load_model, read_config
 
     files = _weights_files(args)
+    device = _device(args.device)
     task = read_config(next(iter(files.values()))).get("task", "classification")
     if args.save_detections and task != "detection":
         raise UserError(f"--save-detections is for detectors; these weights are a {task} model's")
@@ -47,10 +51,10 @@ def run(args) -> int:
         raise UserError(f"--scales / --flip are for segmentation models; these weights are a {task} model's")
     if task == "detection":
         from .eval_detection import run_detection
-        return run_detection(args, files)
+        return run_detection(args, files, device)
     if task == "segmentation":
         from .eval_segmentation import run_segmentation
-        return run_segmentation(args, files)
+        return run_segmentation(args, files, device)
     data = _data_root(args)
     args.split = args.split or "val"
     results = {}
@@ -60,12 +64,11 @@ def run(args) -> int:
         if not pre:
             raise UserError(f"{path}: weights carry no 'preprocess' settings (resolution, mean, std, crop_fraction)")
         model, meta = load_model(path)
-        transform = eval_preset(int(pre["resolution"]), crop_fraction=float(pre.get("crop_fraction", 0.875)),
-                                mean=pre["mean"], std=pre["std"], interpolation=pre.get("interpolation", "bilinear"))
+        transform = eval_preset_for(pre)  # centre crop, or the whole image squashed (Keras models)
         loader = build_classification_loader(data, args.split, transform, args.batch_size, shuffle=False,
                                              num_workers=args.workers)
         _check_classes(path, meta, loader.dataset.classes, model)
-        results[label] = {"weights": str(path), **evaluate(model, loader, progress=not args.json)}
+        results[label] = {"weights": str(path), **evaluate(model, loader, device, progress=not args.json)}
     if args.json:
         print(json.dumps({"data": str(data), "split": args.split, "results": results}, indent=2))
         return 0
@@ -73,6 +76,18 @@ def run(args) -> int:
         print(f"{label:<5} top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  loss {r['loss']:.4f}  "
               f"({r['images']} images of {data / args.split}; {r['weights']})")
     return 0
+
+
+def _device(name: str):
+    """--device as a torch.device: `mnv2 train`'s choice (engine/fastpath.py), and a one-line error for CUDA asked
+    for on a machine without it."""
+    import torch
+
+    from ..engine import fastpath
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False); use "
+                        "--device cpu")
+    return fastpath.pick_device(name)
 
 
 def _weights_files(args) -> dict[str, Path]:

@@ -8,12 +8,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
-
 from ..errors import UserError
 
 
-def run_detection(args, files: dict[str, Path]) -> int:
+def run_detection(args, files: dict[str, Path], device) -> int:
     from torch.utils.data import DataLoader
 
     from ..engine.config import Config
@@ -42,7 +40,7 @@ def run_detection(args, files: dict[str, Path]) -> int:
             raise UserError(f"{path}: the model predicts {model.num_classes} classes but {val.annotation_file} "
                             f"has {len(val.category_ids)} categories")
         loader = DataLoader(val, batch_size=args.batch_size, num_workers=args.workers, collate_fn=task.collate)
-        metrics, evaluator = evaluate(task, model, loader, torch.device("cpu"), progress=not args.json)
+        metrics, evaluator = evaluate(task, model.to(device), loader, device, progress=not args.json)
         results[label] = {"weights": str(path), **metrics}
         if not args.json:
             print(f"{label}: {path} on {val.annotation_file} ({len(val)} images)")

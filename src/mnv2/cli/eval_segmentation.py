@@ -10,8 +10,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import torch
-
 from ..errors import UserError
 
 
@@ -28,7 +26,7 @@ def parse_scales(text: str | None) -> tuple[float, ...]:
     return scales
 
 
-def run_segmentation(args, files: dict[str, Path]) -> int:
+def run_segmentation(args, files: dict[str, Path], device) -> int:
     from torch.utils.data import DataLoader
 
     from ..engine.tasks import evaluate
@@ -54,7 +52,7 @@ def run_segmentation(args, files: dict[str, Path]) -> int:
                             f"{len(val.class_names)} ({', '.join(val.class_names[:4])}, ...)")
         task.eval_scales, task.eval_flip = scales, args.flip
         loader = DataLoader(val, batch_size=args.batch_size, num_workers=args.workers, collate_fn=task.collate)
-        _, evaluator = evaluate(task, model, loader, torch.device("cpu"), progress=not args.json)
+        _, evaluator = evaluate(task, model.to(device), loader, device, progress=not args.json)
         results[label] = {"weights": str(path), "images": len(val), **evaluator.summary}
     if args.json:
         print(json.dumps({"data": str(root), "split": args.split, "scales": list(scales), "flip": args.flip,

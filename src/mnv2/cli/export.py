@@ -4,7 +4,6 @@ Detectors continue in cli/export_detection.py, segmentation models in cli/export
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -25,8 +24,7 @@ def add_source_args(p, onnx: bool = False) -> None:
 
 
 def register(sub) -> None:
-    from ..deploy.export import DEFAULT_OPSET
-    from ..deploy.quantize import CALIBRATION_METHODS, DEFAULT_METHOD
+    from ..choices import CALIBRATION_METHODS, DEFAULT_METHOD, DEFAULT_OPSET, MIN_OPSET
     p = sub.add_parser("export", help="export a classifier, detector or segmentation model to ONNX (BN folded, "
                        "verified), optionally int8",
                        description="Export a classifier to one .onnx file with BN folded into the convolutions. The "
@@ -47,13 +45,16 @@ def register(sub) -> None:
                    "width to this square size, images then stretched to it (default: any size)")
     p.add_argument("--dynamic-batch", action="store_true", help="leave the batch dimension free (default: batch 1; a "
                    "segmentation graph's batch is always free)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= 17 (default {DEFAULT_OPSET})")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= {MIN_OPSET} (default {DEFAULT_OPSET})")
     p.add_argument("--out", required=True, metavar="FILE.onnx", help="output file (written atomically)")
     p.add_argument("--int8", action="store_true", help="write an int8 model (needs --calib)")
     p.add_argument("--calib", metavar="DIR", help="with --int8: a folder of images (searched recursively)")
     p.add_argument("--calib-images", type=int, default=200, metavar="N",
                    help="with --int8: at most N images calibrate, never more than half; the rest measure agreement "
                    "(default 200)")
+    p.add_argument("--agreement-images", type=int, default=500, metavar="N",
+                   help="with --int8, a classifier: at most N of the other images (a seeded random sample) measure "
+                   "top-1 agreement with fp32 (default 500)")
     p.add_argument("--calib-method", choices=CALIBRATION_METHODS, default=DEFAULT_METHOD,
                    help=f"with --int8: activation range calibration (default {DEFAULT_METHOD})")
     p.add_argument("--raw", action="store_true", help="detector: export the network's two heads only (class "
@@ -72,6 +73,8 @@ def run(args) -> int:
         raise UserError("--int8 needs --calib DIR (images to calibrate on)")
     if args.calib and not args.int8:
         raise UserError("--calib is only used with --int8")
+    if args.agreement_images < 1:
+        raise UserError(f"--agreement-images must be at least 1, got {args.agreement_images}")
     if args.resolution is not None and args.resolution < 32:
         raise UserError(f"--resolution must be at least 32, got {args.resolution}")
     out = Path(args.out)
@@ -117,8 +120,10 @@ def run(args) -> int:
     with tempfile.TemporaryDirectory(prefix="mnv2-export-", dir=out.parent) as work:
         fp32 = Path(work) / "fp32.onnx"
         report = export_onnx(model, config, fp32, args.resolution, args.dynamic_batch, args.opset)
-        result = _int8(args, fp32, Path(work) / "int8.onnx", calib)
-        os.replace(Path(work) / "int8.onnx", out)  # only a quantised, measured model ever appears at --out
+        int8 = Path(work) / "int8.onnx"
+        result = _int8(args, fp32, int8, calib)
+        from ..atomic import atomic_write_bytes
+        atomic_write_bytes(out, int8.read_bytes())  # only a quantised, measured model ever appears at --out
     result["out"] = str(out)
     result.update({"resolution": report.resolution, "opset": report.opset, "fp32_max_abs_diff": report.max_abs_diff})
     agreements = ", ".join(f"{a * 100:.2f}% on {name}" for name, a in result["agreement_by_backend"].items())
@@ -133,16 +138,19 @@ def _int8(args, fp32: Path, int8: Path, images: list) -> dict:
     from ..deploy.preprocess import Preprocess
     from ..deploy.quantize import CalibrationReader, quantize_int8, set_int8_info, split_calibration, top1_agreement
     from ..deploy.runtime import OnnxRuntimeBackend, OpenVinoBackend, inspect_onnx, is_installed
-    calib, heldout = split_calibration(images, args.calib_images)
+    from ..progress import progress_bar
+    calib, heldout = split_calibration(images, args.calib_images, heldout_images=args.agreement_images)
     preprocess = Preprocess.from_dict(inspect_onnx(fp32)[1][META_PREPROCESS])
-    quantize_int8(fp32, int8, CalibrationReader.from_images(calib, preprocess), args.calib_method)
+    calibrating = progress_bar(calib, desc="int8 calibration", enabled=not args.json)
+    quantize_int8(fp32, int8, CalibrationReader.from_images(calibrating, preprocess), args.calib_method)
     fp32_run = OnnxRuntimeBackend(fp32, args.threads)
     # Each installed int8 runtime computes its own rounding of the same QDQ graph: measure each one.
     int8_runs = {"onnxruntime-int8": OnnxRuntimeBackend(int8, args.threads)}
     if is_installed("openvino-int8"):
         int8_runs["openvino-int8"] = OpenVinoBackend(int8, args.threads)
     batch = 16 if args.dynamic_batch else 1
-    by_backend = {name: top1_agreement(fp32_run, run, heldout, preprocess, batch_size=batch).fraction
+    by_backend = {name: top1_agreement(fp32_run, run, heldout, preprocess, batch_size=batch, progress=not args.json,
+                                       desc=f"top-1 agreement, {name}").fraction
                   for name, run in int8_runs.items()}
     info = {"method": args.calib_method, "calib_images": len(calib), "heldout_images": len(heldout),
             "top1_agreement": by_backend["onnxruntime-int8"], "top1_agreement_by_backend": by_backend}

@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 import sys
 
-from ..errors import UserError
+from ..errors import PeerError, UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args) or 0
+    except PeerError:  # another process of the torchrun job failed; rank 0 reports its error
+        pass
     except UserError as e:
         print(f"mnv2 {args.command}: error: {e}", file=sys.stderr)
     except FileNotFoundError as e:
@@ -52,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    except OSError as e:  # permission denied, a full disk, ...: the path and the reason, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"mnv2 {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
     except KeyboardInterrupt:
         print(f"mnv2 {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -11,7 +11,7 @@ from .export import add_source_args
 
 
 def register(sub) -> None:
-    from ..deploy.runtime import BACKENDS
+    from ..choices import BACKENDS
     p = sub.add_parser("predict", help="classify images (top-k labels), detect objects (boxes, drawn) or segment "
                        "them (class masks)",
                        description="Classify images with a trained model (--run / --weights) or an exported .onnx "

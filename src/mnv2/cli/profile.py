@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import json
 
-import torch
-from torch import nn
-
-from ..analysis import count_madds, count_params, profile_layers
 from ..errors import UserError
-from ..models import create_model
-from ..models.blocks import ConvBNAct
 from ..paper import reference
+
+# torch and the models are imported inside the functions that count, so that building the parser does not import them.
 
 
 def register(sub) -> None:
@@ -43,6 +39,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..analysis import count_madds, count_params, profile_layers
     if args.grid:
         return _grid(args)
     if args.table5:
@@ -79,6 +76,7 @@ def run(args) -> int:
 
 def _build(args):
     """The model to profile; `args.width` is filled in with the model's own width when not given."""
+    from ..models import create_model
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     if args.width is not None:
         kwargs["width_mult"] = args.width
@@ -95,6 +93,8 @@ def _build(args):
 
 
 def _grid(args) -> int:
+    from ..analysis import count_madds, count_params
+    from ..models import create_model
     args.num_classes = 1000 if args.num_classes is None else args.num_classes
     cells = [(a, r) for a in reference.GRID_WIDTHS for r in reference.GRID_RESOLUTIONS]
     cells = list(reference.GRID_EXTRA) + cells
@@ -104,20 +104,35 @@ def _grid(args) -> int:
             params_cache[a] = create_model("mobilenet_v2", width_mult=a, num_classes=args.num_classes)
         model = params_cache[a]
         top1, paper_madds = reference.FIGURE5[(a, r)]
-        rows.append({"width": a, "resolution": r, "params": count_params(model), "madds": count_madds(model, r),
-                     "paper_madds_m": paper_madds, "paper_top1": top1,
+        params = count_params(model)
+        rows.append({"width": a, "resolution": r, "params": params, "params_without_bn": params - _bn_params(model),
+                     "madds": count_madds(model, r), "paper_madds_m": paper_madds, "paper_top1": top1,
                      "paper_params_m": reference.FIGURE5_PARAMS_M[a]})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"MobileNetV2, paper Figure 5 grid ({args.num_classes} classes). 'paper' columns are the TF-Slim model zoo's "
-          "published values (params for 1001 classes), not measured here.")
-    print(f"{'width':>5} {'res':>4} {'params':>11} {'paper params':>12} {'MAdds':>9} {'paper MAdds':>11} "
+    print(f"MobileNetV2, paper Figure 5 grid ({args.num_classes} classes). 'paper' and 'zoo' columns are the TF-Slim "
+          "model zoo's published values, not measured here.")
+    print(f"{'width':>5} {'res':>4} {'params':>11} {'w/o BN':>11} {'zoo params*':>11} {'MAdds':>9} {'paper MAdds':>11} "
           f"{'paper top-1':>11}")
     for row in rows:
-        print(f"{row['width']:>5g} {row['resolution']:>4} {row['params']:>11,} {row['paper_params_m']:>11.2f}M "
-              f"{row['madds'] / 1e6:>8.1f}M {row['paper_madds_m']:>10}M {row['paper_top1']:>10.1f}%")
+        print(f"{row['width']:>5g} {row['resolution']:>4} {row['params']:>11,} {row['params_without_bn']:>11,} "
+              f"{row['paper_params_m']:>10.2f}M {row['madds'] / 1e6:>8.1f}M {row['paper_madds_m']:>10}M "
+              f"{row['paper_top1']:>10.1f}%")
+    print(GRID_FOOTNOTE)
     return 0
+
+
+GRID_FOOTNOTE = """\
+* zoo params: the TF-Slim release's parameter counts (1001 classes). They agree with 'w/o BN' (ours without
+  BatchNorm's scale and offset) at every width, not with 'params' (ours with them, as torchvision counts): the zoo
+  leaves BN out. The paper's own Table 4 gives 3.4M for 1.0 and 6.9M for 1.4."""
+
+
+def _bn_params(model) -> int:
+    """BatchNorm's scale and offset: 2 per channel of every BN layer (the zoo's counts leave them out)."""
+    from torch import nn
+    return sum(p.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
 
 
 def _table5(args) -> int:
@@ -125,6 +140,7 @@ def _table5(args) -> int:
 
     "Prediction layers" here = the four extra feature layers + the class and box heads: everything but the backbone.
     """
+    from ..models import create_model
     classes = 80 if args.num_classes is None else args.num_classes
     width = 1.0 if args.width is None else args.width
     rows = []
@@ -186,6 +202,10 @@ def _table7(args) -> int:
     The models are built on the meta device: shapes only, so the 12 passes of an MF row at up to 896 x 896 are counted
     without being computed. See TABLE7_FOOTNOTE for the columns and what explains the differences.
     """
+    import torch
+
+    from ..analysis import count_madds, count_params
+    from ..models import create_model
     classes = 21 if args.num_classes is None else args.num_classes
     width = 1.0 if args.width is None else args.width
     rows = []
@@ -228,13 +248,17 @@ def _table7(args) -> int:
     return 0
 
 
-def _madds_513(model: nn.Module, size: int) -> tuple[int, int]:
+def _madds_513(model, size: int) -> tuple[int, int]:
     """(MAdds, MAdds with dilated convs counted as TF 1.x computes them), from one per-layer count.
 
     TF 1.x runs a dilated conv as space_to_batch -> conv -> batch_to_space on the map padded to a multiple of the rate
     (`required_space_to_batch_paddings`): r * (ceil((n + (k - 1) * r) / r) - (k - 1)) outputs per dimension of an
     n-wide map. Every multiply-add of these models is in a profiled layer, so the first number is `count_madds`'s.
     """
+    from torch import nn
+
+    from ..analysis import profile_layers
+    from ..models.blocks import ConvBNAct
     modules = dict(model.named_modules())
     plain = tf = 0
     for row in profile_layers(model, size):
@@ -254,6 +278,7 @@ def _madds_513(model: nn.Module, size: int) -> tuple[int, int]:
 
 def _parts(model, size) -> dict[str, tuple[int, int]]:
     """(params, MAdds) per top-level submodule (backbone, extras, cls_heads, box_heads), from one counted pass."""
+    from ..analysis import profile_layers
     parts: dict[str, tuple[int, int]] = {}
     for r in profile_layers(model, size):
         top = r.name.split(".")[0]
@@ -277,7 +302,8 @@ def _memory(args) -> int:
     if args.json:
         print(json.dumps({"model": args.model, "width": args.width, "resolution": args.resolution, "dtype_bytes": 2,
                           "eq2": peaks, "table3": rows,
-                          "paper_max_kb": reference.TABLE3_MAX_KB[args.model] if paper else None}, indent=2))
+                          "paper_max_kb": reference.TABLE3_MAX_KB[args.model] if paper else None,
+                          "paper_note": reference.TABLE3_NOTES.get(args.model) if paper else None}, indent=2))
         return 0
 
     def cell(ch, kb):
@@ -296,6 +322,8 @@ def _memory(args) -> int:
     top = {k: max((r[k] or 0) for r in rows) for k in ("fused_kb", "every_kb")}
     paper_max = f"{reference.TABLE3_MAX_KB[args.model]}" if paper else "-"
     print(f"{'max':>9} {top['fused_kb']:>17.0f} {top['every_kb']:>13.0f} {paper_max:>14}")
+    if paper and args.model in reference.TABLE3_NOTES:
+        print(f"note: {reference.TABLE3_NOTES[args.model]}")
     if config is not None and not matches:
         print(f"(the paper's column is {args.model} {config} at 224; run with those settings to see it)")
     print(f"eq. (2) peak, (a) every op materialised: {report.peak_materialised / 1000:.0f} kB at "

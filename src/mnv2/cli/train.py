@@ -37,6 +37,15 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, help="train.epochs")
     p.add_argument("--batch-size", type=int, help="per-process batch size (train.batch_size)")
     p.add_argument("--lr", type=float, help="peak learning rate (optim.lr)")
+    p.add_argument("--init-weights", metavar="FILE", help="start from an mnv2 weights file (model.init_weights): "
+                   "a converted torchvision / timm / Keras file or a run's best.safetensors; its model, width and "
+                   "preprocessing are the defaults, a new classifier if the data has other classes (fine-tuning)")
+    p.add_argument("--freeze", choices=("none", "backbone"), help="backbone: train only the classifier (a linear "
+                   "probe; model.freeze); default none")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="train.device (auto: CUDA when present)")
+    p.add_argument("--seed", type=int, help="train.seed (data order, augmentation, initialisation)")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "fp32"), help="mixed precision (train.amp; auto: bf16 "
+                   "where the CPU or GPU computes it natively)")
     p.add_argument("--workers", type=int, help="data loading worker processes (data.num_workers)")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/train-<date>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
@@ -57,7 +66,7 @@ def run(args) -> int:
     from ..engine.fastpath import allocator_in_use
     from ..engine.trainer import Trainer, config_of_run
 
-    cfg = resolve_config(args, load_config, config_of_run)
+    cfg, notes = resolve_config(args, load_config, config_of_run)
     is_main = int(os.environ.get("RANK", "0")) == 0
     say = print if is_main else (lambda *a, **k: None)
     if args.resume:  # the arguments are checked before any work (the embedded data is written on first use)
@@ -68,7 +77,9 @@ def run(args) -> int:
         run_dir = Path(args.out) if args.out else Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
         if (run_dir / "last.pt").exists():
             raise UserError(f"{run_dir}: already holds a run (last.pt); use --resume {run_dir} or another --out")
-    data_root = resolve_data(cfg, say)
+    data_root = prepare_data_once(cfg, say)
+    for note in notes:
+        say(note)
     say(f"run directory: {run_dir}  (allocator: {allocator_in_use()})")
     trainer = Trainer(cfg, run_dir, data_root, resume=bool(args.resume), progress=not args.no_progress, log=say)
     m = cfg.model
@@ -111,7 +122,9 @@ def resolve_config(args, load_config, config_of_run):
     flags = []
     for flag, key in (("model", "model.name"), ("width", "model.width"), ("resolution", "data.resolution"),
                       ("epochs", "train.epochs"), ("batch_size", "train.batch_size"), ("lr", "optim.lr"),
-                      ("workers", "data.num_workers"), ("on_bad_image", "data.on_bad_image")):
+                      ("workers", "data.num_workers"), ("on_bad_image", "data.on_bad_image"),
+                      ("init_weights", "model.init_weights"), ("freeze", "model.freeze"), ("device", "train.device"),
+                      ("seed", "train.seed"), ("amp", "train.amp")):
         value = getattr(args, flag)
         if value is not None:
             flags.append(f"{key}={value}")
@@ -120,9 +133,10 @@ def resolve_config(args, load_config, config_of_run):
     if args.task:
         flags.append(f"task={args.task}")
     if args.resume and not args.config:
-        return load_config(None, flags + list(args.set), base=config_of_run(args.resume))
-    return load_config(recipe_path(args.config or DEFAULT_CONFIGS[args.task or "classification"]),
-                       flags + list(args.set))
+        return load_config(None, flags + list(args.set), base=config_of_run(args.resume)), []
+    from ..engine.finetune import layered_config
+    return layered_config(recipe_path(args.config or DEFAULT_CONFIGS[args.task or "classification"]),
+                          flags + list(args.set))
 
 
 def recipe_path(name: str) -> Path:
@@ -136,6 +150,26 @@ def recipe_path(name: str) -> Path:
         return candidate
     raise UserError(f"{name}: no such config file (recipes in {recipes_dir()}: "
                     f"{', '.join(sorted(p.name for p in recipes_dir().glob('*.yaml')))})")
+
+
+def prepare_data_once(cfg, say) -> Path:
+    """`resolve_data`, under torchrun run first by each node's local rank 0 (which may write the embedded dataset)
+    and then by the others once it is there; an error on any rank stops every rank with it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return resolve_data(cfg, say)
+    from ..engine import distributed
+    from ..engine.fastpath import pick_device
+
+    ctx = distributed.init_distributed(pick_device(cfg.train.device))
+    root, error = None, None
+    for turn in (True, False):  # local rank 0 first, then the rest
+        if (ctx.local_rank == 0) == turn:
+            try:
+                root = resolve_data(cfg, say)
+            except UserError as e:
+                error = str(e)
+        distributed.raise_first_error(error, ctx)
+    return root
 
 
 def resolve_data(cfg, say) -> Path:

@@ -93,7 +93,7 @@ class CocoDetection(Dataset):
                               f"{self.annotation_file} can be read"))
         return self._sample(image_id, image)
 
-    def bad_images(self, max_examples: int = 5) -> BadImageReport:
+    def bad_images(self, max_examples: int | None = 5) -> BadImageReport:
         """The distinct images skipped so far, by any process loading this dataset."""
         return self._bad_log.report(max_examples) if self._bad_log is not None else BadImageReport()
 

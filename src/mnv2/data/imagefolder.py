@@ -126,7 +126,7 @@ class ImageFolderDataset(Dataset):
             lambda: UserError(f"{self.root}: none of the {len(self.samples)} images can be read"))
         return (self.transform(image) if self.transform is not None else image), label
 
-    def bad_images(self, max_examples: int = 5) -> BadImageReport:
+    def bad_images(self, max_examples: int | None = 5) -> BadImageReport:
         """The distinct images skipped so far, by any process loading this dataset."""
         return self._bad_log.report(max_examples) if self._bad_log is not None else BadImageReport()
 
@@ -145,7 +145,7 @@ class BadImageLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(f"{error.path}\t{reason}\n")
 
-    def report(self, max_examples: int = 5) -> BadImageReport:
+    def report(self, max_examples: int | None = 5) -> BadImageReport:
         seen: dict[str, str] = {}
         try:
             with open(self.path, encoding="utf-8") as f:

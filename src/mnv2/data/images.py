@@ -1,11 +1,11 @@
 """Reading one image file as 8-bit RGB, whatever mode it was saved in, or a one-line error naming the file.
 
-Decoder choice (measured on this machine, 1 thread, median of 5, JPEG q90, `benchmarks`-style loop in the report of
-issue 3): PIL (libjpeg-turbo 3) takes ~0.3 / 0.35 / 1.5 / 2.5 ms for 64 / 128 / 256 / 500 px images;
-`torchvision.io.decode_jpeg` ~0.1 / 0.3 / 0.85 / 1.9 ms. torchvision's decoders are deprecated since 0.29 (moved to
-TorchCodec) and the gap is small beside a training step, so PIL is the decoder. For large JPEGs read at a small
-resolution, `min_size` asks libjpeg to decode at 1/2, 1/4 or 1/8 scale (`Image.draft`), which is ~1.4x faster at
-500 px -> 96 px. Transforms then run on uint8 CHW tensors (see `transforms.py`), which was 1.4-2.8x faster than on PIL.
+Decoder choice (measured with `python benchmarks/data_decode.py`, which prints its table and writes no BENCHMARKS.md
+section; 1 thread, median, JPEG q90): PIL (libjpeg-turbo 3) takes ~0.3 / 0.35 / 1.5 / 2.5 ms for 64 / 128 / 256 / 500 px
+images; `torchvision.io.decode_jpeg` ~0.1 / 0.3 / 0.85 / 1.9 ms. torchvision's decoders are deprecated since 0.29 (moved
+to TorchCodec) and the gap is small beside a training step, so PIL is the decoder. For large JPEGs read at a small
+resolution, `min_size` asks libjpeg to decode at 1/2, 1/4 or 1/8 scale (`Image.draft`), which is ~1.4x faster at 500 px
+-> 96 px. Transforms then run on uint8 CHW tensors (see `transforms.py`), which was 1.4-2.8x faster than on PIL.
 
 Mode conversions (Pillow's own `convert("RGB")` is right for most modes but not all):
 - 1, L, P (no transparency), CMYK, YCbCr, LAB, HSV: Pillow's conversion.

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..atomic import plain_mode
 from ..errors import UserError
 from .shapes import CLASSES, Scene, classification_scene, multi_object_scene
 
@@ -114,6 +115,7 @@ def _write_atomically(target: Path, write, marker: dict) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        os.chmod(tmp, plain_mode(directory=True))  # mkdtemp's 0700 would hide the data from other users
         write(tmp)
         (tmp / MARKER).write_text(json.dumps(marker) + "\n")
         old = None

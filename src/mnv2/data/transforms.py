@@ -65,6 +65,30 @@ def eval_preset(resolution: int, *, crop_fraction: float = 0.875, mean=IMAGENET_
                        v2.CenterCrop(resolution), *_to_normalized(mean, std)])
 
 
+def squash_preset(resolution: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation: str = "bilinear"
+                  ) -> v2.Compose:
+    """The whole image resized to `resolution` x `resolution` (no crop, aspect not kept), normalised: how models
+    trained in Keras see their inputs (`keras.utils.load_img(path, target_size=(r, r))`).
+
+    The resize runs on a PIL image, as Keras' does: torchvision's antialiased resize of a uint8 tensor rounds 1-3% of
+    the pixels one grey level away from PIL's, and a Keras model's probabilities are then not reproduced to 1e-4.
+    """
+    return v2.Compose([v2.ToPILImage(), v2.Resize((resolution, resolution), interpolation=_interp(interpolation)),
+                       *_to_normalized(mean, std)])
+
+
+def eval_preset_for(record: dict) -> v2.Compose:
+    """The classification eval transform a weights file's preprocess record names (`mnv2.interop.preprocess_record`):
+    `eval_preset` for resize "crop" (the default), `squash_preset` for "squash"."""
+    resolution, resize = int(record["resolution"]), record.get("resize", "crop")
+    options = {"mean": record["mean"], "std": record["std"], "interpolation": record.get("interpolation", "bilinear")}
+    if resize == "squash":
+        return squash_preset(resolution, **options)
+    if resize != "crop":
+        raise ValueError(f"a classifier's resize must be 'crop' or 'squash', got {resize!r}")
+    return eval_preset(resolution, crop_fraction=float(record.get("crop_fraction", 0.875)), **options)
+
+
 class MixCollate:
     """Collate a list of (image, label) samples, then apply MixUp or CutMix (one chosen at random per batch).
     Labels come out as soft targets of shape [N, num_classes]. A class (not a closure) so workers can pickle it."""

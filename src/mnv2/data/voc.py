@@ -276,7 +276,7 @@ class SegmentationDataset(Dataset):
         height, width = read_mask(sample.mask_path, sample.mask_kind).shape
         return int(height), int(width)
 
-    def bad_images(self, max_examples: int = 5) -> BadImageReport:
+    def bad_images(self, max_examples: int | None = 5) -> BadImageReport:
         """The distinct images skipped so far, by any process loading this dataset."""
         return self._bad_log.report(max_examples) if self._bad_log is not None else BadImageReport()
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,20 +20,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import atomic_write_bytes
+from ..choices import DEFAULT_OPSET, MIN_OPSET
 from ..errors import UserError
 from ..models import create_model
 from ..weights import load_model
 from .fold import fold_bn
 from .preprocess import Preprocess, dumps, resolve_class_names
 
-MIN_OPSET = 17
-DEFAULT_OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 META_MODEL, META_PREPROCESS, META_CLASSES, META_INT8 = ("mnv2.model", "mnv2.preprocess", "mnv2.class_names",
                                                        "mnv2.int8")
 # META_TASK: "detection" (mnv2.deploy.export_detection) or "segmentation"; a file without it is a classifier.
 META_TASK, META_POSTPROCESS, META_CATEGORY_IDS = "mnv2.task", "mnv2.postprocess", "mnv2.category_ids"
 SEGMENTATION = "segmentation"
+# A classifier's output activation (mnv2.deploy.runtime.OUTPUTS), when its weights record one; absent: softmax.
+META_OUTPUT = "mnv2.output"
 
 
 def optional_import(module: str, extra: str, purpose: str):
@@ -68,8 +68,9 @@ def load_source(run: str | Path | None = None, weights: str | Path | None = None
 def onnx_metadata(config: dict, preprocess: Preprocess, num_classes: int) -> dict[str, str]:
     """The metadata_props an exported classifier carries (all values JSON)."""
     names = resolve_class_names(config.get("class_names"), num_classes)
+    output = {META_OUTPUT: dumps(config["output"])} if config.get("output") else {}
     return {META_MODEL: dumps({"model": config.get("model"), "model_kwargs": config.get("model_kwargs", {})}),
-            META_PREPROCESS: dumps(preprocess.to_dict()), META_CLASSES: dumps(names)}
+            META_PREPROCESS: dumps(preprocess.to_dict()), META_CLASSES: dumps(names), **output}
 
 
 def to_onnx(model: nn.Module, resolution: int, dynamic_batch: bool = True, opset: int = DEFAULT_OPSET,
@@ -155,9 +156,9 @@ class ExportReport:
 def export_onnx(model: nn.Module, config: dict, out: str | Path, resolution: int | None = None,
                 dynamic_batch: bool = False, opset: int = DEFAULT_OPSET, atol: float = 1e-4) -> ExportReport:
     """Write `model` to `out` as ONNX; success only if onnxruntime running the written bytes matches PyTorch to within
-    `atol` (max absolute logit difference, 1e-4 by default as the issue asks; the logit scale is reported beside it).
+    `atol` (max absolute logit difference, 1e-4 by default; the logit scale is reported beside it).
 
-    Atomic: the graph is written to a temporary file beside `out`, checked, then renamed; on any failure nothing
+    Atomic: the graph is checked before it is written, then written through `mnv2.atomic`; on any failure nothing
     appears at `out` (and an existing file there is left as it was).
     """
     out = check_target(out, opset)
@@ -167,20 +168,13 @@ def export_onnx(model: nn.Module, config: dict, out: str | Path, resolution: int
     proto = to_onnx(model, preprocess.resolution, dynamic_batch, opset,
                     onnx_metadata(config, preprocess, num_classes))
     data = proto.SerializeToString()
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        diff, scale = max_difference(model, tmp, preprocess.resolution, (1, 3) if dynamic_batch else (1,))
-        # Absolute, as promised: an fp32 graph of a very confident model (|logits| ~ 20+) can come close to 1e-4;
-        # the error then names the logit scale so the user can judge, and nothing is written.
-        if not diff <= atol:
-            raise UserError(f"{out}: exported graph differs from PyTorch by {diff:.3g} (> {atol:g}; largest |logit| "
-                            f"{scale:.3g}); not written")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    diff, scale = max_difference(model, data, preprocess.resolution, (1, 3) if dynamic_batch else (1,))
+    # Absolute, as promised: an fp32 graph of a very confident model (|logits| ~ 20+) can come close to 1e-4;
+    # the error then names the logit scale so the user can judge, and nothing is written.
+    if not diff <= atol:
+        raise UserError(f"{out}: exported graph differs from PyTorch by {diff:.3g} (> {atol:g}; largest |logit| "
+                        f"{scale:.3g}); not written")
+    atomic_write_bytes(out, data)
     return ExportReport(out, preprocess.resolution, opset, dynamic_batch, diff, scale, len(data))
 
 

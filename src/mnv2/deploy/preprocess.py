@@ -16,18 +16,19 @@ from PIL import Image
 
 from ..data.images import load_image as data_load_image
 from ..data.images import upright_rgb
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_preset
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_preset_for
 from ..errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-_RESIZES = ("crop", "stretch", "none")
+_RESIZES = ("crop", "squash", "stretch", "none")
 
 
 @dataclass(frozen=True)
 class Preprocess:
     """Eval preprocessing: resize the short side to resolution / crop_fraction, centre-crop, normalise (resize
-    "crop", classifiers); or the whole image resized to resolution x resolution, normalised (resize "stretch", SSD
+    "crop", classifiers); or the whole image resized to resolution x resolution with PIL, normalised (resize "squash",
+    classifiers trained in Keras, as its `load_img` resizes); or the same on the uint8 tensor (resize "stretch", SSD
     detectors: TF's fixed_shape_resizer, the detection eval preset); or normalise only, the image at its own size
     (resize "none", segmentation models, which are evaluated at each image's full resolution: `resolution` is then
     the training crop, kept for calibration and fixed-size deployment, and not applied).
@@ -52,7 +53,7 @@ class Preprocess:
             raise UserError(f"crop_fraction must be in (0, 1], got {self.crop_fraction}")
         if self.resize not in _RESIZES:
             raise UserError(f"unknown resize {self.resize!r}; expected one of {_RESIZES}")
-        if self.resize != "crop" and self.interpolation != "bilinear":
+        if self.resize in ("stretch", "none") and self.interpolation != "bilinear":
             raise UserError(f"resize {self.resize!r} is bilinear, got {self.interpolation!r}")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
@@ -69,9 +70,8 @@ class Preprocess:
             from ..data.segmentation_transforms import segmentation_eval_preset
             # the segmentation eval preset itself, on the uint8 image as SegmentationDataset hands it over
             transform = v2.Compose([v2.ToImage(), segmentation_eval_preset(self.mean, self.std), _plain_tensor])
-        else:
-            transform = eval_preset(self.resolution, crop_fraction=self.crop_fraction, mean=self.mean, std=self.std,
-                                    interpolation=self.interpolation)
+        else:  # a classifier's: "crop" or "squash"
+            transform = eval_preset_for(self.to_dict())
         object.__setattr__(self, "_transform", transform)
 
     @classmethod

@@ -1,16 +1,16 @@
 """Int8 static post-training quantisation with onnxruntime.quantization, and its top-1 agreement with fp32.
 
 QDQ format with per-channel int8 weights and uint8 activations (the U8S8 pairing onnxruntime's x86 kernels are built
-for), calibrated on the user's images through the model's own eval preprocessing. Dynamic quantisation is not offered:
-it leaves convolutions in fp32 and is slower than fp32 for a convnet (PERFORMANCE.md). A detector is measured by COCO
-AP (`detection_ap`), a segmentation model by mIoU (`segmentation_miou`), fp32 beside int8 on a val split.
+for), calibrated on the user's images through the model's own eval preprocessing. Dynamic quantisation is not offered
+(static QDQ is what the int8 rows of BENCHMARKS.md "Inference", benchmarks/inference.py, measure; dynamic is not
+benchmarked). A detector is measured by COCO AP (`detection_ap`), a segmentation model by mIoU (`segmentation_miou`),
+fp32 beside int8 on a val split.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import os
 import random
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_bytes
+from ..choices import CALIBRATION_METHODS, DEFAULT_METHOD
 from ..errors import UserError
+from ..progress import progress_bar
 from .export import INPUT_NAME, META_INT8, optional_import
 from .export_detection import DETECTION_OUTPUTS, graph_outputs, join_detection_graph, split_detection_graph
 from .preprocess import Preprocess, dumps
-
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-DEFAULT_METHOD = "percentile"  # measured best of the three; see docs/deploy.md
 
 
 class CalibrationReader:
@@ -72,8 +72,10 @@ class PerImageCalibrationReader:
         return None if i is None else {INPUT_NAME: self.preprocess([self.images[i]]).numpy()}
 
 
-def split_calibration(images: list, calib_images: int, seed: int = 0) -> tuple[list, list]:
-    """(calibration, held-out): a seeded shuffle; at most half of the images calibrate, the rest are held out."""
+def split_calibration(images: list, calib_images: int, seed: int = 0,
+                      heldout_images: int | None = None) -> tuple[list, list]:
+    """(calibration, held-out): a seeded shuffle; at most half of the images calibrate, the rest are held out, at most
+    `heldout_images` of them (None: all), so a large folder does not make the agreement check run for hours."""
     if len(images) < 2:
         raise UserError(f"need at least 2 images to calibrate and check int8 agreement, found {len(images)}")
     if calib_images < 1:
@@ -81,7 +83,7 @@ def split_calibration(images: list, calib_images: int, seed: int = 0) -> tuple[l
     shuffled = list(images)
     random.Random(seed).shuffle(shuffled)
     n = min(calib_images, len(shuffled) // 2)
-    return shuffled[:n], shuffled[n:]
+    return shuffled[:n], shuffled[n:][:heldout_images]
 
 
 def quantize_int8(fp32_model: bytes | str | Path, out: str | Path,
@@ -171,27 +173,23 @@ class Agreement:
 
 
 @torch.inference_mode()
-def top1_agreement(fp32_run, int8_run, images: list, preprocess: Preprocess, batch_size: int = 16) -> Agreement:
+def top1_agreement(fp32_run, int8_run, images: list, preprocess: Preprocess, batch_size: int = 16,
+                   progress: bool = False, desc: str = "top-1 agreement") -> Agreement:
     """`fp32_run` / `int8_run`: callables from a float batch (numpy) to logits."""
     matches = 0
+    bar = progress_bar(total=len(images), desc=desc, enabled=progress)
     for i in range(0, len(images), batch_size):
         x = preprocess(images[i:i + batch_size]).numpy()
         matches += int((np.argmax(fp32_run(x), 1) == np.argmax(int8_run(x), 1)).sum())
+        bar.update(len(x))
+    bar.close()
     return Agreement(matches, len(images))
 
 
 def _atomic_write(out: Path, data: bytes) -> Path:
     if not out.parent.is_dir():
         raise UserError(f"{out}: output directory {out.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return atomic_write_bytes(out, data)
 
 
 def detection_ap(predictors: dict, val_dir: str | Path, batch_size: int = 8) -> tuple[dict[str, dict], int]:

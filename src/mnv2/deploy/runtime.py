@@ -14,8 +14,9 @@ model's per-pixel logits into masks by mnv2.deploy.segment):
   openvino         the ONNX graph on OpenVINO's CPU plugin, fp32 requested explicitly (its default here is bf16).
   openvino-int8    the int8 QDQ graph of onnxruntime-int8 on OpenVINO, which turns the QDQ pairs into its own int8
                    kernels; the same .onnx file runs on either runtime, with the same calibration.
-The default is the fastest one installed: onnxruntime, else openvino, else torch-fast (PERFORMANCE.md, BENCHMARKS.md);
-for an int8 .onnx file openvino-int8, else onnxruntime-int8.
+The default is onnxruntime, else openvino (the two fp32 graph runtimes, within ~15% of each other), else torch-fast
+(1.4-3x slower than either); for an int8 .onnx file openvino-int8, else onnxruntime-int8 (BENCHMARKS.md "Inference",
+written by benchmarks/inference.py).
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ import torch
 from torch import nn
 
 from .. import native
+from ..choices import BACKENDS
 from ..errors import UserError
 from .export import (
     META_CLASSES,
     META_INT8,
+    META_OUTPUT,
     META_PREPROCESS,
     META_TASK,
     SEGMENTATION,
@@ -47,7 +50,6 @@ from .export_detection import DETECTION_OUTPUTS, RAW_OUTPUTS
 from .fold import fold_bn
 from .preprocess import Preprocess, resolve_class_names
 
-BACKENDS = ("torch", "torch-fast", "torch-compile", "onnxruntime", "onnxruntime-int8", "openvino", "openvino-int8")
 INT8_BACKENDS = ("openvino-int8", "onnxruntime-int8")  # fastest first (BENCHMARKS.md)
 ONNX_BACKENDS = ("onnxruntime", "openvino", *INT8_BACKENDS)
 _EXTRA = {"onnxruntime": ("onnxruntime", "export"), "onnxruntime-int8": ("onnxruntime", "export"),
@@ -199,7 +201,9 @@ def fast_module(model: nn.Module) -> nn.Module:
     2 threads 7.0 vs 9.5 ms for the folded channels_last model, the same at batch 32. Otherwise the folded model."""
     from ..models.mobilenetv2 import MobileNetV2
     from .tsplit import tsplit
-    if isinstance(model, MobileNetV2) and model.shortcut != "expansion" and native.available():
+    # the split executor's head averages: a max-pooling model (a Keras import) keeps the folded model
+    if (isinstance(model, MobileNetV2) and model.shortcut != "expansion"
+            and isinstance(model.pool, nn.AdaptiveAvgPool2d) and native.available()):
         return tsplit(model, 1)
     return fold_bn(model)
 
@@ -239,6 +243,21 @@ class Prediction(NamedTuple):
     prob: float
 
 
+OUTPUTS = ("softmax", "sigmoid", "linear")
+
+
+def class_probabilities(logits: np.ndarray, output: str = "softmax") -> np.ndarray:
+    """A classifier's outputs from its logits, as the model was trained to give them (the weights' "output"):
+    softmax over the classes (mnv2's own models, torchvision, timm), an independent sigmoid per class (multi-label
+    and one-unit binary Keras heads), or the logits themselves (a Keras head without activation)."""
+    if output == "sigmoid":
+        return np.exp(-np.logaddexp(0, -logits))  # 1 / (1 + e^-x) without overflowing for very negative x
+    if output == "linear":
+        return logits
+    z = logits - logits.max(1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(1, keepdims=True)
+
+
 class Predictor:
     """Load -> preprocess -> run -> postprocess, the same for every backend.
 
@@ -247,9 +266,13 @@ class Predictor:
     """
 
     def __init__(self, backend: Callable[[np.ndarray], np.ndarray], backend_name: str, preprocess: Preprocess,
-                 class_names: Sequence[str], batch_size: int = 8, fixed_batch: int | None = None):
+                 class_names: Sequence[str], batch_size: int = 8, fixed_batch: int | None = None,
+                 output: str = "softmax"):
         if batch_size < 1:
             raise UserError(f"batch size must be at least 1, got {batch_size}")
+        if output not in OUTPUTS:
+            raise UserError(f"unknown output activation {output!r}; expected one of {', '.join(OUTPUTS)}")
+        self.output = output
         self.backend, self.backend_name = backend, backend_name
         self.preprocess, self.class_names = preprocess, list(class_names)
         # A graph exported without --dynamic-batch accepts exactly its own batch size.
@@ -274,7 +297,7 @@ class Predictor:
             from .quantize import CalibrationReader
             calibration = lambda: CalibrationReader.from_images(calib_images, preprocess)
         runner = build_backend(name, model, preprocess.resolution, threads, calibration)
-        return cls(runner, name, preprocess, names, batch_size)
+        return cls(runner, name, preprocess, names, batch_size, output=config.get("output", "softmax"))
 
     @classmethod
     def from_weights(cls, path: str | Path, **kwargs) -> Predictor:
@@ -309,7 +332,8 @@ class Predictor:
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
         runner = onnx_runner(path, proto, name, threads)
-        return cls(runner, name, preprocess, names, batch_size, fixed_batch=batch)
+        return cls(runner, name, preprocess, names, batch_size, fixed_batch=batch,
+                   output=meta.get(META_OUTPUT, "softmax"))
 
     # the four steps ----------------------------------------------------------------------------------------------
     def load(self, images: Sequence) -> np.ndarray:
@@ -343,8 +367,7 @@ class Predictor:
         return [np.concatenate(parts) for parts in zip(*chunks)]
 
     def postprocess(self, logits: np.ndarray, topk: int = 5) -> list[list[Prediction]]:
-        z = logits - logits.max(1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        probs = class_probabilities(logits, self.output)
         k = max(1, min(topk, probs.shape[1]))
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return [[Prediction(int(c), self.class_names[c], float(p[c])) for c in row] for p, row in zip(probs, order)]

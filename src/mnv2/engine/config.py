@@ -22,10 +22,12 @@ class ModelConfig:
     name: str = "mobilenet_v2"
     width: float = 1.0
     dropout: float = 0.2
-    kwargs: dict = field(default_factory=dict)  # further create_model() arguments (padding, bn_eps, ablations)
+    kwargs: dict = field(default_factory=dict)  # further create_model() arguments (padding, bn_eps, bn_momentum, ...)
     freeze_bn: bool = False  # BN in inference mode while training (fine-tuning; makes every sample independent)
     sync_bn: bool = False  # SyncBatchNorm under DDP (GPU only in PyTorch)
     backbone_weights: str | None = None  # detector / segmenter: start the backbone from a classifier weights file
+    init_weights: str | None = None  # start from any mnv2 weights file (fine-tuning; engine/finetune.py)
+    freeze: str = "none"  # none | backbone (train only the classifier / the task's head: a linear probe)
 
 
 @dataclass
@@ -36,6 +38,7 @@ class DataConfig:
     resolution: int = 224  # training crop
     eval_resolution: int | None = None  # None = resolution
     crop_fraction: float = 0.875  # eval: resize to resolution / crop_fraction, centre crop (PAPER.md section 5)
+    resize: str = "crop"  # eval: "crop" (short side, centre crop) | "squash" (whole image, aspect not kept: Keras)
     scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range
     hflip: float = 0.5
     color_jitter: float = 0.0
@@ -85,7 +88,9 @@ class OptimConfig:
     eps: float | None = None  # RMSProp: inside the square root (TF, default 1.0); AdamW: torch's (1e-8)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 4e-5
-    no_decay_norm_bias: bool = False  # no weight decay on BN parameters and biases
+    # Which parameters weight decay reaches: all | no_norm_bias (not BN parameters nor biases) | tf_slim (only the
+    # kernels of regular convs and fully-connected layers: TF-Slim's MobileNet training scope, PAPER.md section 5)
+    decay_scope: str = "all"
     grad_clip: float = 0.0  # max global gradient norm; 0 = off
 
 
@@ -106,6 +111,7 @@ class TrainConfig:
     batch_size: int = 96  # per process (the paper: 96 per GPU worker)
     label_smoothing: float = 0.0
     ema_decay: float = 0.0  # 0 = no EMA; TF-Slim used 0.9999 (per step)
+    ema_warmup: bool = False  # TF's num_updates warm-up: the n-th update's decay is min(ema_decay, (1+n)/(10+n))
     seed: int = 0
     deterministic: bool = True
     amp: str = "auto"  # auto | bf16 | fp16 | fp32
@@ -188,11 +194,14 @@ def with_optimizer_defaults(cfg: Config) -> Config:
 # (key, low, high, low_open, high_open); None bounds are open-ended. A bad value is one error naming the key.
 CHOICES = {
     "task": ("classification", "detection", "segmentation"),
+    "model.freeze": ("none", "backbone"),
     "data.interpolation": ("bilinear", "bicubic", "nearest"),
+    "data.resize": ("crop", "squash"),
     "data.on_bad_image": ("error", "skip"),
     "data.auto_augment": (None, "trivialaugment"),
     "detection.loss": ("sigmoid", "softmax"),
     "optim.name": ("rmsprop_tf", "sgd", "adamw"),
+    "optim.decay_scope": ("all", "no_norm_bias", "tf_slim"),
     "schedule.name": ("exponential", "cosine", "poly", "constant"),
     "train.amp": ("auto", "bf16", "fp16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -288,14 +297,36 @@ def merge(obj, data: dict, source: str, prefix: str = ""):
     changes = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
+        if name in RENAMED:
+            key, value = _renamed(name, value, data, source)
+            name = f"{prefix}{key}"
         if key not in fields:
             raise UserError(f"{source}: unknown config key {name!r} (known: {', '.join(sorted(fields))})")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             changes[key] = merge(current, value, source, prefix=f"{name}.")
+        elif isinstance(current, dict) and isinstance(value, dict):  # a mapping (model.kwargs) is updated, not replaced
+            changes[key] = {**current, **_coerce(value, hints[key], name, source)}
         else:
             changes[key] = _coerce(value, hints[key], name, source)
     return dataclasses.replace(obj, **changes)
+
+
+# Keys of older recipes and saved runs (config.yaml, checkpoints), read as the key that replaced them:
+# old key -> (new key in the same section, {old value: new value}).
+RENAMED = {"optim.no_decay_norm_bias": ("decay_scope", {True: "no_norm_bias", False: "all"})}
+
+
+def _renamed(name: str, value, data: dict, source: str) -> tuple[str, object]:
+    """(key, value) under the new name for the old key `name` of mapping `data`."""
+    new, values = RENAMED[name]
+    section = name.rpartition(".")[0]
+    if new in data:
+        raise UserError(f"{source}: config keys {name!r} and '{section}.{new}' are both given; keep "
+                        f"'{section}.{new}' ({name!r} is its old name)")
+    if not isinstance(value, bool):
+        raise UserError(f"{source}: config key {name!r} (now '{section}.{new}') expects true or false, got {value!r}")
+    return new, values[value]
 
 
 def _coerce(value, hint, name: str, source: str):

@@ -58,20 +58,40 @@ class RMSpropTF(torch.optim.Optimizer):
         return loss
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict]:
-    """One group, or two when norm-layer parameters and biases (all 1-D tensors here) skip weight decay."""
-    if not no_decay_norm_bias:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def is_depthwise(conv: nn.Conv2d) -> bool:
+    """A depthwise convolution: one group per input channel."""
+    return conv.groups > 1 and conv.groups == conv.in_channels
+
+
+def tf_slim_kernels(model: nn.Module) -> list[nn.Parameter]:
+    """The weights TF-Slim's MobileNet `training_scope` regularises: kernels of regular convolutions (`slim.conv2d`,
+    the 1x1 logits conv included) and of fully-connected layers. Depthwise kernels are not (`slim.separable_conv2d`
+    gets `weights_regularizer=None`), nor BatchNorm parameters, nor biases. A grouped conv that is not depthwise
+    (ShuffleNet's) counts as regular: TF-Slim builds group convs from regular ones."""
+    return [m.weight for m in model.modules()
+            if isinstance(m, nn.Linear) or isinstance(m, nn.Conv2d) and not is_depthwise(m)]
+
+
+def param_groups(model: nn.Module, weight_decay: float, scope: str = "all") -> list[dict]:
+    """The trainable parameters in one group (`scope` "all"), or two: those weight decay reaches, and the rest with
+    none. "no_norm_bias" spares norm-layer parameters and biases (the 1-D tensors here); "tf_slim" decays only
+    `tf_slim_kernels`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if scope == "all":
+        return [{"params": params, "weight_decay": weight_decay}]
+    if scope == "no_norm_bias":
+        decayed = {id(p) for p in params if p.ndim > 1}
+    elif scope == "tf_slim":
+        decayed = {id(p) for p in tf_slim_kernels(model)}
+    else:
+        raise UserError(f"optim.decay_scope: unknown scope {scope!r} (choose all, no_norm_bias or tf_slim)")
+    return [{"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     cfg = optimizer_defaults(cfg)  # an unset lr / eps is the chosen optimiser's own default
-    groups = param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias)
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_scope)
     if cfg.name == "rmsprop_tf":
         return RMSpropTF(groups, lr=cfg.lr, decay=cfg.decay, momentum=cfg.momentum, eps=cfg.eps)
     if cfg.name == "sgd":
@@ -84,8 +104,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 class LRFactor:
     """The learning-rate multiplier at optimizer step `step`: linear warm-up, then exponential, cosine or poly decay.
 
-    Exponential decay is a staircase per `decay_epochs` as in TF-Slim (paper: x0.98 per epoch); cosine, poly and
-    warm-up move every step. A plain class (not a lambda) so it is rebuilt from the config, never pickled.
+    Exponential decay is a staircase per `decay_epochs` as in TF-Slim (paper: x0.98 per epoch; TF-Slim's released
+    flags: x0.98 every 2.5 epochs, docs/training.md); cosine, poly and warm-up move every step. A plain class (not a
+    lambda) so it is rebuilt from the config, never pickled.
     """
 
     def __init__(self, cfg: ScheduleConfig, steps_per_epoch: int, epochs: int):
@@ -116,8 +137,30 @@ def build_schedule(optimizer, cfg: ScheduleConfig, steps_per_epoch: int, epochs:
     return LambdaLR(optimizer, LRFactor(cfg, steps_per_epoch, epochs))
 
 
-def build_ema(model: nn.Module, decay: float) -> AveragedModel | None:
-    """Exponential moving average of weights and BN statistics (TF-Slim: 0.9999 per step), evaluated separately."""
+def ema_decay_at(decay: float, n: int, warmup: bool) -> float:
+    """The decay of the EMA update that follows `n` earlier ones.
+
+    With `warmup`, TensorFlow's `ExponentialMovingAverage(decay, num_updates)` as TF-Slim's train_image_classifier
+    calls it (num_updates = the global step): min(decay, (1 + n) / (10 + n)). At 0.9999 a fixed decay remembers the
+    starting weights for ~10,000 steps; the warm-up lets the average follow the weights until (1 + n) / (10 + n)
+    reaches `decay` (n ~ 90,000 at 0.9999).
+    """
+    return min(decay, (1 + n) / (10 + n)) if warmup else decay
+
+
+def build_ema(model: nn.Module, decay: float, warmup: bool = False) -> AveragedModel | None:
+    """Exponential moving average of weights and BN statistics (TF-Slim: 0.9999 per step), evaluated separately.
+
+    The first update copies the weights (AveragedModel); every later one blends with `ema_decay_at(decay, n, warmup)`,
+    n = updates so far (kept in the EMA's state, so a resumed run continues the warm-up). TF starts the average at the
+    initial weights and blends the first update with decay 0.1 instead of copying.
+    """
     if not decay:
         return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    if not warmup:
+        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+    def blend(averaged: list, current: list, n_averaged: torch.Tensor) -> None:
+        get_ema_multi_avg_fn(ema_decay_at(decay, int(n_averaged), True))(averaged, current, n_averaged)
+
+    return AveragedModel(model, multi_avg_fn=blend, use_buffers=True)

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ..errors import UserError
-from . import bf16, distributed, fastpath
+from ..progress import progress_bar
+from . import bf16, distributed, fastpath, finetune
 from . import checkpoint as ckpt
 from .config import Config, config_from_dict, dump_yaml
 from .data_order import ResumableSampler, SeededSamples, ShardSampler
@@ -76,6 +76,10 @@ class Trainer:
         except (ValueError, TypeError) as e:  # a model argument the model rejects (model.width, model.kwargs.*)
             name, kwargs = self.task.model_spec()
             raise UserError(f"model {name!r} with {kwargs}: {e}") from None
+        if cfg.model.init_weights and not resume:  # a resumed run has its weights in last.pt
+            self.log(finetune.load_init_weights(model, self.task.model_spec()[0], cfg.model.init_weights))
+        if cfg.model.freeze == "backbone":
+            self.log(f"backbone frozen: {finetune.freeze(model):,} parameters train")
         if cfg.model.freeze_bn:
             model.apply(_freeze_bn)
         if cfg.model.sync_bn and self.ctx.enabled and self.device.type == "cuda":
@@ -88,7 +92,7 @@ class Trainer:
         self.scaler = fastpath.grad_scaler(self.device, self.amp_dtype)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.schedule = build_schedule(self.optimizer, cfg.schedule, self.steps_per_epoch, t.epochs)
-        self.ema = build_ema(self.model, t.ema_decay)
+        self.ema = build_ema(self.model, t.ema_decay, t.ema_warmup)
         self.ddp = (DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
                                             else None) if self.ctx.enabled else self.model)
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
@@ -183,7 +187,8 @@ class Trainer:
         result = TrainResult(self.run_dir)
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+            from ..atomic import atomic_write_text
+            atomic_write_text(self.run_dir / "config.yaml", dump_yaml(self.cfg))
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step or None)
         stop = False
@@ -214,11 +219,16 @@ class Trainer:
         self.ddp.train()
         if self.cfg.model.freeze_bn:
             self.model.apply(_freeze_bn)
-        bar = tqdm(total=self.steps_per_epoch, initial=self.batch_in_epoch, desc=f"epoch {self.epoch + 1}/{t.epochs}",
-                   disable=not (self.progress and self.ctx.is_main), dynamic_ncols=True, leave=True)
+        if self.cfg.model.freeze == "backbone":
+            finetune.keep_frozen_bn_eval(self.model)
+        bar = progress_bar(total=self.steps_per_epoch, initial=self.batch_in_epoch,
+                           desc=f"epoch {self.epoch + 1}/{t.epochs}", enabled=self.progress and self.ctx.is_main,
+                           leave=True)
         seen, tick = 0, time.perf_counter()
-        for batch in self.train_loader:
-            if self.batch_in_epoch >= self.steps_per_epoch:
+        batches = iter(self.train_loader)
+        while self.batch_in_epoch < self.steps_per_epoch:
+            batch = self._agreed(lambda: next(batches, None))  # a bad image on one rank stops every rank
+            if batch is None:
                 break
             loss = self._train_step(self._to_device(batch))
             self.batch_in_epoch += 1
@@ -241,8 +251,11 @@ class Trainer:
         cfg = self.cfg
         with fastpath.autocast(self.device, self.amp_dtype):
             loss = self.task.loss(self.ddp, batch)
-        if not torch.isfinite(loss):
-            raise UserError(f"training diverged at step {self.step + 1} (loss {loss.item()}); lower optim.lr")
+
+        def check() -> None:  # before the backward pass's all-reduce, so all ranks stop together
+            if not torch.isfinite(loss):
+                raise UserError(f"training diverged at step {self.step + 1} (loss {loss.item()}); lower optim.lr")
+        self._agreed(check)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if cfg.optim.grad_clip:
@@ -302,12 +315,30 @@ class Trainer:
                                    metrics=results[which])
         return results
 
+    def _agreed(self, work):
+        """`work()`, with the ranks agreeing on stopping: when it raises a UserError on any rank (every rank calls this
+        at the same point), every rank raises it, instead of the others waiting in their next collective."""
+        try:
+            result, error = work(), None
+        except UserError as e:
+            result, error = None, str(e)
+        distributed.raise_first_error(error, self.ctx)
+        return result
+
     def _bad_image_report(self) -> str:
-        """Images skipped under on_bad_image="skip", collected by the datasets across worker processes."""
+        """Images skipped under on_bad_image="skip", collected by the datasets across worker processes and ranks."""
+        from ..data.imagefolder import BadImageReport
+
+        mine = {split: ds.bad_images(max_examples=None).examples
+                for split, ds in (("train", self.train_dataset), ("val", self.val_dataset))}
+        gathered = distributed.gather_objects(mine, self.ctx)
+        if gathered is None:
+            return ""
         lines = []
-        for split, ds in (("train", self.train_dataset), ("val", self.val_dataset)):
-            report = ds.bad_images()
-            if report.count:
+        for split in mine:
+            seen = dict(item for rank in gathered for item in rank[split])
+            if seen:
+                report = BadImageReport(len(seen), list(seen.items())[:5])
                 lines.append(f"{split}: {report.format()}")
         return "\n".join(lines)
 

@@ -33,12 +33,12 @@ def summarize_classification(stats: torch.Tensor) -> dict[str, float]:
 def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", channels_last: bool = True,
              autocast_dtype: torch.dtype | None = None, progress: bool = False) -> dict[str, float]:
     """Top-1 / top-5 / loss of `model` over every batch `(images, labels)` of `loader`."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     device = torch.device(device)
     model.eval().to(device)
     stats = torch.zeros(len(STATS), dtype=torch.float64)
-    for images, labels in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
+    for images, labels in progress_bar(loader, desc="eval", enabled=progress):
         images = images.to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

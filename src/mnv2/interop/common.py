@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..models import TABLE_2, MobileNetV2, make_divisible
-from ..models.mobilenetv2 import STEM_CHANNELS
+from ..models.mobilenetv2 import HEAD_CHANNELS, STEM_CHANNELS
 from ..weights import load_state_dict_strict, save_model
 
 # The width multipliers with published weights (paper Figure 5; Keras and timm release the same set, torchvision 1.0).
@@ -28,11 +28,13 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 def preprocess_record(mean: list[float], std: list[float], resolution: int = 224, crop_fraction: float = 0.875,
-                      interpolation: str = "bilinear") -> dict:
+                      interpolation: str = "bilinear", resize: str = "crop") -> dict:
     """The evaluation preprocessing a set of weights was trained for, in [0, 1] pixel units: resize the short side to
-    resolution / crop_fraction, centre-crop `resolution`, then (x - mean) / std."""
-    return {"mean": list(mean), "std": list(std), "resolution": resolution, "crop_fraction": crop_fraction,
-            "interpolation": interpolation}
+    resolution / crop_fraction, centre-crop `resolution` (resize "crop"), or resize the whole image to `resolution`
+    squared, aspect not kept (resize "squash", as Keras' `load_img`); then (x - mean) / std."""
+    record = {"mean": list(mean), "std": list(std), "resolution": resolution, "crop_fraction": crop_fraction,
+              "interpolation": interpolation}
+    return record if resize == "crop" else {**record, "resize": resize}  # "crop" records read as they always did
 
 
 @dataclass
@@ -40,7 +42,9 @@ class Imported:
     """An imported model with what is needed to use and save it.
 
     `model` is in eval mode; `model_kwargs` rebuild it with `mnv2.create_model(model_name, **model_kwargs)`;
-    `preprocess` is the record of `preprocess_record`; `source` names the library the weights came from.
+    `preprocess` is the record of `preprocess_record`; `source` names the library the weights came from; `output`
+    the activation that turns the logits into the original model's outputs ("softmax", "sigmoid" or "linear"; None:
+    not recorded, read as softmax); `class_names` the classes in output order, when known.
     """
 
     model: MobileNetV2
@@ -48,11 +52,14 @@ class Imported:
     preprocess: dict
     source: str
     model_name: str = field(default="mobilenet_v2")
+    output: str | None = None
+    class_names: list[str] | None = None
 
     def save(self, path: str | Path) -> Path:
         """Write a self-describing `.safetensors` file (see `mnv2.weights.save_model`)."""
+        meta = {"output": self.output, "class_names": self.class_names}
         return save_model(path, self.model, self.model_name, self.model_kwargs, preprocess=self.preprocess,
-                          source=self.source)
+                          source=self.source, **{k: v for k, v in meta.items() if v is not None})
 
 
 def width_signature(width: float) -> tuple[int, int, int]:
@@ -62,11 +69,38 @@ def width_signature(width: float) -> tuple[int, int, int]:
     return make_divisible(STEM_CHANNELS * width), make_divisible(first * width), make_divisible(last * width)
 
 
-def infer_width(stem: int, first: int, last: int, origin: str) -> float:
-    """The width multiplier whose channel counts are (stem, first, last), or a UserError naming what was found."""
-    for width in WIDTHS:
-        if width_signature(width) == (stem, first, last):
+def channel_counts(width: float) -> tuple[int, ...]:
+    """Output channels of the stem, of each Table 2 stage and of the last 1x1 conv at `width`. They fix every layer
+    of the network (an expansion is t times its block's input)."""
+    stages = (make_divisible(c * width) for _, c, _, _ in TABLE_2)
+    return (make_divisible(STEM_CHANNELS * width), *stages, make_divisible(HEAD_CHANNELS * max(1.0, width)))
+
+
+def infer_width(stem: int, first: int, last: int, origin: str, counts: tuple[int, ...] | None = None,
+                prefer: float | None = None) -> float:
+    """The width multiplier whose channel counts are (stem, first, last), or a UserError naming what was found.
+
+    Three counts tell the published widths apart but cannot vouch for the stages between them, so without `counts`
+    only the published widths are accepted. Given every count (`channel_counts` order), any width that reproduces
+    them is: `prefer` (e.g. the alpha a Keras config names) when it does, else a published width, else the shortest
+    decimal in (0, 4] that does. (Keras rounds int(c * alpha) where we round c * alpha, so for a few alphas the two
+    differ by 8 channels in one stage; a nearby width then builds Keras' exact network.)
+    """
+    def fits(width: float) -> bool:
+        if counts is not None:
+            return channel_counts(width) == tuple(counts)
+        return width_signature(width) == (stem, first, last)
+
+    for width in ([prefer] if prefer else []) + list(WIDTHS):
+        if fits(width):
             return width
+    if counts is not None:
+        for steps in (10, 100, 1000):
+            width = next((i / steps for i in range(1, 4 * steps + 1) if fits(i / steps)), None)
+            if width is not None:
+                return width
+        raise UserError(f"{origin}: channel counts {list(counts)} (stem, the seven stages of Table 2, last conv) "
+                        "match no MobileNetV2 width multiplier")
     known = ", ".join(f"{w:g}" for w in WIDTHS)
     raise UserError(f"{origin}: channel counts stem={stem}, first block={first}, last block={last} match no "
                     f"MobileNetV2 width multiplier ({known})")

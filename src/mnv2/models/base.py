@@ -27,6 +27,15 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a new one for `num_classes` (0: none, features out), initialised as a new
+        model's is; the rest of the model is kept (timm's method of the same name)."""
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.normal_(self.classifier.weight, 0, 0.01)
+            nn.init.zeros_(self.classifier.bias)
+
 
 def init_weights(model: nn.Module) -> None:
     """torchvision's initialisation: He (fan-out) for convs, unit BN, N(0, 0.01) for the classifier."""

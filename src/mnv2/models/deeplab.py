@@ -98,9 +98,16 @@ class DeepLabV3(nn.Module):
         branches = 1 + len(self.aspp)
         self.concat_projection = ConvBNReLU(branches * HEAD_DEPTH, HEAD_DEPTH, 1, bn_eps=bn_eps)
         self.dropout = nn.Dropout(dropout)
-        self.logits = nn.Conv2d(HEAD_DEPTH, num_classes, 1)
         for module in (self.image_pooling, self.aspp, self.concat_projection):
             init_weights(module)
+        self.reset_classifier(num_classes)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new logits layer for `num_classes` classes, initialised as a new model's is; the rest is kept."""
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        self.num_classes = num_classes
+        self.logits = nn.Conv2d(HEAD_DEPTH, num_classes, 1)
         # TF DeepLab's logits layer: truncated normal, stddev 0.01 (small logits at the start of training).
         nn.init.trunc_normal_(self.logits.weight, std=0.01, a=-0.02, b=0.02)
         nn.init.zeros_(self.logits.bias)

@@ -30,6 +30,14 @@ HEAD_CHANNELS = 1280
 LAYER15_BLOCK = 13
 
 
+class GlobalMaxPool(nn.Module):
+    """Global max pooling as one max pool over the whole map. It exports to ONNX MaxPool, whose output shape
+    onnxruntime's int8 quantiser infers; nn.AdaptiveMaxPool2d(1) exports to ReduceMax, whose shape it cannot."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.max_pool2d(x, kernel_size=x.shape[-2:])
+
+
 class MobileNetV2(Classifier):
     """MobileNetV2 classifier.
 
@@ -43,21 +51,30 @@ class MobileNetV2(Classifier):
         output_stride: 32, 16 or 8; later strides become dilation (atrous backbone, paper section 6.3).
         padding: "torch" (symmetric) or "tf" (TensorFlow 'SAME' on strided convs) for TF-trained weights.
         bn_eps: BatchNorm epsilon (1e-5 in PyTorch, 1e-3 in TF / Keras).
+        bn_momentum: BatchNorm running-statistics momentum in PyTorch's convention, 1 - TF's decay (0.1 in PyTorch;
+            TF-Slim trained with decay 0.997, i.e. 0.003). Changes no parameter and no state-dict key.
         round_nearest: channel divisor.
         head_conv: False leaves out the last 1x1 conv (1280 channels): features end at the 320-channel output of the
             last bottleneck, the backbone of Mobile DeepLabv3's "MNet V2*" (paper section 6.3).
+        pool: the global pooling before the classifier, "avg" (the paper's) or "max" (Keras models trained with
+            GlobalMaxPooling2D); neither has parameters, so the state dict is the same.
     """
 
     def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, dropout: float = 0.2,
                  expand_ratio: float | None = None, bottleneck_act: BottleneckAct = "linear",
                  shortcut: Shortcut = "bottleneck", output_stride: int = 32, padding: Padding = "torch",
-                 bn_eps: float = 1e-5, round_nearest: int = 8,
-                 setting: Sequence[tuple[float, int, int, int]] = TABLE_2, head_conv: bool = True):
+                 bn_eps: float = 1e-5, round_nearest: int = 8, bn_momentum: float = 0.1,
+                 setting: Sequence[tuple[float, int, int, int]] = TABLE_2, head_conv: bool = True,
+                 pool: str = "avg"):
         super().__init__()
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
         if width_mult <= 0:
             raise ValueError(f"width_mult must be positive, got {width_mult}")
+        if pool not in ("avg", "max"):
+            raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
+        if not 0 < bn_momentum <= 1:
+            raise ValueError(f"bn_momentum must be in (0, 1] (PyTorch's convention, 1 - TF's decay), got {bn_momentum}")
         self.width_mult, self.output_stride, self.shortcut = width_mult, output_stride, shortcut
         self.num_classes = num_classes
 
@@ -94,6 +111,12 @@ class MobileNetV2(Classifier):
             taps.append(FeatureTap("head", current_stride, head_ch))
         self.feature_taps: tuple[FeatureTap, ...] = tuple(taps)
         self._build_head(taps[-1].channels, num_classes, dropout)
+        if pool == "max":
+            self.pool = GlobalMaxPool()
+        # Set here rather than passed down to every block: momentum is training behaviour, not structure.
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = bn_momentum
         init_weights(self)
 
     def _run_blocks(self, x: torch.Tensor, taps: set[str] | None = None, out: dict | None = None) -> torch.Tensor:

@@ -113,7 +113,20 @@ class SSDLite(nn.Module):
                                        for m, a in zip(maps, self.num_anchors_per_location))
         self.box_heads = nn.ModuleList(PredictionHead(m.channels, a * 4, heads, bn_eps)
                                        for m, a in zip(maps, self.num_anchors_per_location))
+        self.class_prior = class_prior
         self._init_new_layers(class_prior)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """New class predictors (the last conv of every class head) for `num_classes` object classes, initialised as
+        a new model's are; backbone, extra layers, box heads and the class heads' depthwise convs are kept."""
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        self.num_classes = num_classes
+        for head, a in zip(self.cls_heads, self.num_anchors_per_location):
+            old = head.pred
+            head.pred = nn.Conv2d(old.in_channels, a * (num_classes + 1), old.kernel_size, padding=old.padding)
+            nn.init.trunc_normal_(head.pred.weight, std=0.03, a=-0.06, b=0.06)
+            nn.init.constant_(head.pred.bias, math.log(self.class_prior / (1 - self.class_prior)))
 
     def _init_new_layers(self, class_prior: float) -> None:
         # TF conv hyperparams of the ssdlite config: truncated normal, stddev 0.03 (torchvision's SSDLite: N(0, 0.03)).

@@ -43,6 +43,12 @@ TABLE4 = {
 # The configuration each Table 3 column describes (the paper's ShuffleNet column is "ShuffleNet (2x, g=3)").
 TABLE3_CONFIG = {"mobilenet_v1": {"width_mult": 1.0}, "mobilenet_v2": {"width_mult": 1.0},
                  "shufflenet_v1": {"width_mult": 2.0, "groups": 3}}
+# What to know when reading a Table 3 column beside ours (docs/memory.md explains every cell).
+TABLE3_NOTES = {
+    "shufflenet_v1": "the paper's ShuffleNet column is headed (2x, g=3), but its cells from 28x28 down (400 / 800 / "
+                     "1600 channels) are the g=2 2x widths; ours are the g=3 2x model's (480 / 960 / 1920, 1.2x), "
+                     "the model of the paper's Table 4.",
+}
 
 # Paper Table 5 (section 6.2): the prediction layers of SSD and SSDLite on MobileNetV2, 80 classes:
 # heads -> (params in millions, multiply-adds in billions). The paper states neither the input size nor whether the

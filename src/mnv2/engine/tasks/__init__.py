@@ -74,11 +74,9 @@ def build_task_model(task: Task, allowed: tuple[str, ...], kind: str) -> nn.Modu
 def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     """Initialise a detector's or segmentation model's backbone from a classifier weights file (the paper starts
     from ImageNet weights)."""
-    from safetensors.torch import load_file
+    from ...weights import read_weights
 
-    from ...weights import read_config
-
-    config = read_config(path)  # a UserError naming the file if it is not an mnv2 weights file
+    state, config = read_weights(path)  # a UserError naming the file if it is not an mnv2 weights file
     if not hasattr(model, "load_backbone_state"):
         raise UserError(f"model.backbone_weights: {type(model).__name__} has no backbone to initialise")
     kwargs = config.get("model_kwargs", {})
@@ -86,7 +84,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> None:
     if width is not None and kwargs.get("width_mult", 1.0) != width:
         raise UserError(f"{path}: backbone weights of width {kwargs.get('width_mult', 1.0)} cannot initialise a "
                         f"width {width} {type(model).__name__} (set model.width to match)")
-    model.load_backbone_state(load_file(str(path)), source=str(path))
+    model.load_backbone_state(state, source=str(path))
 
 
 @torch.no_grad()
@@ -95,13 +93,18 @@ def evaluate(task: Task, model: nn.Module, loader, device: torch.device, ctx: Di
              progress: bool = False):
     """Run `task`'s evaluator over `loader`: the loop `mnv2 train` and `mnv2 eval` share. Returns (metrics, the
     evaluator, which holds task-specific results such as a detector's COCO results entries)."""
-    from tqdm import tqdm
-
+    from ...progress import progress_bar
+    from ..distributed import raise_first_error
     from ..fastpath import autocast
 
+    ctx = ctx or Dist()
     model.eval()
-    evaluator = task.evaluator(loader.dataset)
-    for batch in tqdm(loader, desc="eval", leave=False, disable=not progress, dynamic_ncols=True):
-        with autocast(device, amp_dtype):
-            evaluator.update(model, task.to_device(batch, device, memory_format))
-    return evaluator.compute(ctx or Dist()), evaluator
+    evaluator, error = task.evaluator(loader.dataset), None
+    try:
+        for batch in progress_bar(loader, desc="eval", enabled=progress):
+            with autocast(device, amp_dtype):
+                evaluator.update(model, task.to_device(batch, device, memory_format))
+    except UserError as e:  # e.g. a bad image: every rank stops, none waits for this one's statistics
+        error = str(e)
+    raise_first_error(error, ctx)
+    return evaluator.compute(ctx), evaluator

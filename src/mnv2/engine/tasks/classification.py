@@ -51,9 +51,7 @@ class ClassificationTask:
     def eval_transform(self):
         from ...data import transforms
 
-        d = self.cfg.data
-        return transforms.eval_preset(d.eval_resolution or d.resolution, crop_fraction=d.crop_fraction, mean=d.mean,
-                                      std=d.std, interpolation=d.interpolation)
+        return transforms.eval_preset_for(self.preprocess())
 
     def model_spec(self) -> tuple[str, dict]:
         m = self.cfg.model
@@ -93,7 +91,7 @@ class ClassificationTask:
     def preprocess(self) -> dict:
         d = self.cfg.data
         return {"mean": list(d.mean), "std": list(d.std), "resolution": d.eval_resolution or d.resolution,
-                "crop_fraction": d.crop_fraction, "interpolation": d.interpolation}
+                "crop_fraction": d.crop_fraction, "interpolation": d.interpolation, "resize": d.resize}
 
     def save_weights(self, path: Path, model: nn.Module, **meta) -> None:
         from ...weights import save_model
