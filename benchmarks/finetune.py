@@ -6,7 +6,7 @@ triangle, star; 960 images at 64 px, the demo recipe). The target set is the fou
 crescent) with --per-class training images each, scored on all of their 240 validation images. Every setting runs
 with each --seeds; the table gives the mean and the spread (min-max) of the final validation top-1.
 
-    python benchmarks/finetune.py                      # ~20 min on 2 idle cores
+    python benchmarks/finetune.py                      # 30 min on a loaded 2-core machine
     python benchmarks/finetune.py --per-class 20 --seeds 0
 """
 

@@ -23,9 +23,9 @@ def register(sub) -> None:
     add_source_args(p, onnx=True)
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--topk", type=int, default=5, help="classes to show per image (default 5)")
-    p.add_argument("--backend", choices=BACKENDS, default=None, help="inference backend (default: fastest installed; "
-                   "torch-fast for a detector's or segmentation model's run or weights; the -int8 backends need an "
-                   "int8 .onnx from `mnv2 export --int8`)")
+    p.add_argument("--backend", choices=BACKENDS, default=None, help="inference backend (default: onnxruntime, "
+                   "else OpenVINO, else torch-fast; torch-fast for a detector's or segmentation model's run or "
+                   "weights; the -int8 backends need an int8 .onnx from `mnv2 export --int8`)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--resolution", type=int, default=None, help="with --run / --weights: input size override; "

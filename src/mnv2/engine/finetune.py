@@ -53,7 +53,8 @@ def settings_from_weights(path: str | Path, task: str) -> dict[str, object]:
     own = task_models(task)
     if own is not None and is_classifier_file(config):
         return width
-    if own is None and not is_classifier_file(config) or own is not None and config["model"] not in own:
+    wrong_model = (not is_classifier_file(config)) if own is None else config["model"] not in own
+    if wrong_model:
         raise UserError(f"{path}: holds a {config['model']!r}, which a {task} run cannot start from (a classifier "
                         f"file starts any task; a detector or segmentation model only its own task)")
     settings = {"model.name": config["model"], **width}
@@ -155,6 +156,10 @@ def freeze(model: nn.Module) -> int:
 def keep_frozen_bn_eval(model: nn.Module) -> None:
     """After `model.train()`: the frozen part's BatchNorm layers back in inference mode (running statistics kept)."""
     for module in frozen_modules(model):
-        for m in module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        module.apply(bn_to_eval)
+
+
+def bn_to_eval(m: nn.Module) -> None:
+    """`module.apply(bn_to_eval)`: its BatchNorm layers in inference mode (also `model.freeze_bn`)."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        m.eval()

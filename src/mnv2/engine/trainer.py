@@ -81,7 +81,7 @@ class Trainer:
         if cfg.model.freeze == "backbone":
             self.log(f"backbone frozen: {finetune.freeze(model):,} parameters train")
         if cfg.model.freeze_bn:
-            model.apply(_freeze_bn)
+            model.apply(finetune.bn_to_eval)
         if cfg.model.sync_bn and self.ctx.enabled and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
@@ -218,7 +218,7 @@ class Trainer:
         self.train_sampler.start = self.batch_in_epoch * t.batch_size
         self.ddp.train()
         if self.cfg.model.freeze_bn:
-            self.model.apply(_freeze_bn)
+            self.model.apply(finetune.bn_to_eval)
         if self.cfg.model.freeze == "backbone":
             finetune.keep_frozen_bn_eval(self.model)
         bar = progress_bar(total=self.steps_per_epoch, initial=self.batch_in_epoch,
@@ -341,11 +341,6 @@ class Trainer:
                 report = BadImageReport(len(seen), list(seen.items())[:5])
                 lines.append(f"{split}: {report.format()}")
         return "\n".join(lines)
-
-
-def _freeze_bn(m: nn.Module) -> None:
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        m.eval()
 
 
 def _seed_everything(seed: int) -> None:
