@@ -56,21 +56,24 @@ def main() -> None:
             path = Path(tmp) / f"{size}.jpg"
             Image.fromarray(scene.image).save(path, quality=90)
             n = 300 if size <= 128 else 60
-            pil_image = load_image(path)
-            tensor = F.pil_to_tensor(pil_image)
-            res = 96 if size <= 128 else 224
-            train, evaluate = train_preset(res), eval_preset(res)
-            cells = [
-                median_us(lambda: F.pil_to_tensor(load_image(path)), n, args.repeats),
-                median_us(lambda: tio.decode_jpeg(tio.read_file(str(path)), mode=tio.ImageReadMode.RGB), n,
-                          args.repeats),
-                median_us(lambda: F.pil_to_tensor(load_image(path, min_size=96)), n, args.repeats),
-                median_us(lambda: train(pil_image), n, args.repeats),
-                median_us(lambda: train(tensor), n, args.repeats),
-                median_us(lambda: evaluate(pil_image), n, args.repeats),
-                median_us(lambda: evaluate(tensor), n, args.repeats),
-            ]
+            cells = measure_row(path, 96 if size <= 128 else 224, n, args.repeats, tio)
             print(f"{size:>4} " + " ".join(f"{m:>8.0f} ±{s:>4.0f}" for m, s in cells))
+
+
+def measure_row(path: Path, res: int, n: int, repeats: int, tio) -> list[tuple[float, float]]:
+    """One table row: decoding `path` three ways, then the train and eval presets at `res` on PIL and tensor."""
+    pil_image = load_image(path)
+    tensor = F.pil_to_tensor(pil_image)
+    train, evaluate = train_preset(res), eval_preset(res)
+    return [
+        median_us(lambda: F.pil_to_tensor(load_image(path)), n, repeats),
+        median_us(lambda: tio.decode_jpeg(tio.read_file(str(path)), mode=tio.ImageReadMode.RGB), n, repeats),
+        median_us(lambda: F.pil_to_tensor(load_image(path, min_size=96)), n, repeats),
+        median_us(lambda: train(pil_image), n, repeats),
+        median_us(lambda: train(tensor), n, repeats),
+        median_us(lambda: evaluate(pil_image), n, repeats),
+        median_us(lambda: evaluate(tensor), n, repeats),
+    ]
 
 
 if __name__ == "__main__":

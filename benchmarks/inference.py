@@ -76,19 +76,19 @@ def render(results: list[dict], args) -> str:
                        + [f"--threads {','.join(map(str, args.threads))}", f"--batch {args.batch}",
                           f"--repeats {args.repeats}"])
     lines = ["## Inference", "",
-             f"Written by `{command}` on "
-             f"{time.strftime('%Y-%m-%d')}: torch {torch.__version__}, {cpu}, {torch.get_num_threads()} cores seen. "
-             "Median and p90 latency at batch 1, images/s at batch "
-             f"{args.batch}; random weights with realistic BN statistics; torchvision's eager mobilenet_v2 is the "
-             "baseline row of every run (same process, same threads). Speed-up = the median over the run's rounds "
-             "of torchvision's round median / the backend's (the runners take turns, ten rounds of a few calls "
-             "each, so that the host's slow phases count against both sides). "
-             "Timings on a shared machine are noisy: compare rows of one run, not runs.", ""]
+             (f"Written by `{command}` on "
+              f"{time.strftime('%Y-%m-%d')}: torch {torch.__version__}, {cpu}, {torch.get_num_threads()} cores seen. "
+              "Median and p90 latency at batch 1, images/s at batch "
+              f"{args.batch}; random weights with realistic BN statistics; torchvision's eager mobilenet_v2 is the "
+              "baseline row of every run (same process, same threads). Speed-up = the median over the run's rounds "
+              "of torchvision's round median / the backend's (the runners take turns, ten rounds of a few calls "
+              "each, so that the host's slow phases count against both sides). "
+              "Timings on a shared machine are noisy: compare rows of one run, not runs."), ""]
     if args.note:
         lines += [f"**Note.** {args.note}", ""]
     for r in results:
-        lines += [f"### MobileNetV2 {r['width']:g} @{r['resolution']}, {r['threads']} thread(s) "
-                  f"({r['madds'] / 1e6:.0f}M MAdds)", "",
+        lines += [(f"### MobileNetV2 {r['width']:g} @{r['resolution']}, {r['threads']} thread(s) "
+                   f"({r['madds'] / 1e6:.0f}M MAdds)"), "",
                   "| backend | median ms | p90 ms | images/s | vs torchvision |", "|---|---:|---:|---:|---:|"]
         for row in r["rows"]:
             speed = f"{row['speedup']:.2f}x" if row["speedup"] else "-"
@@ -98,9 +98,9 @@ def render(results: list[dict], args) -> str:
     fits = scaling(results)
     if fits:
         lines += ["### Latency against MAdds", "",
-                  "Least-squares fit of median latency against multiply-adds (mnv2.analysis.count_madds) over the "
-                  "swept models. R^2 near 1 means latency follows MAdds; a large intercept is fixed per-call cost "
-                  "(framework overhead) that small models cannot amortise.", "",
+                  ("Least-squares fit of median latency against multiply-adds (mnv2.analysis.count_madds) over the "
+                   "swept models. R^2 near 1 means latency follows MAdds; a large intercept is fixed per-call cost "
+                   "(framework overhead) that small models cannot amortise."), "",
                   "| backend | threads | ms per 100M MAdds | intercept ms | R^2 | mean GMAdds/s |",
                   "|---|---:|---:|---:|---:|---:|"]
         for f in fits:

@@ -15,6 +15,6 @@ def test_every_exported_name_resolves():
 
 def test_synthetic_writer_imports_without_torchvision():
     code = "import sys, mnv2.data.synthetic, mnv2.cli.data; print('torchvision' in sys.modules)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"

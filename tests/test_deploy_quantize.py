@@ -1,14 +1,28 @@
-"""Int8 static quantisation: a real QDQ int8 graph, top-1 agreement with fp32 computed on held-out images."""
+"""Int8 static quantisation: a real QDQ int8 graph, top-1 agreement with fp32 computed on held-out images, and the
+agreement of trained demo models gated."""
+
+import random
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from deploy_helpers import PREPROCESS, exported_onnx, quantized_onnx, shapes_images
+from test_engine_trainer import DemoRun, demo_run
 
 from mnv2.deploy.preprocess import Preprocess
-from mnv2.deploy.quantize import split_calibration, top1_agreement
+from mnv2.deploy.quantize import Agreement, CalibrationReader, quantize_int8, split_calibration, top1_agreement
 from mnv2.errors import UserError
+
+# The issue's gate: the demo recipe as shipped (val top-1 ~0.91) keeps >= 98% of its top-1 decisions in int8 on the
+# embedded validation images (measured 99.27% on 2,200 held-out shapes images, docs/deploy.md).
+FULL_DEMO_MIN_AGREEMENT = 0.98
+# The fast suite's 30-epoch demo model (val top-1 ~0.66-0.69) is less decisive, so int8 rounding flips more of its
+# close calls: measured 96.18% on 2,200 held-out images (docs/deploy.md) and 96.46% (463 / 480) on the val images
+# here; the gate sits a few points below, where a broken calibration (wrong preprocessing, lost per-channel scales:
+# agreement near an untrained model's 0.4-0.5) fails it.
+SHORT_DEMO_MIN_AGREEMENT = 0.93
+CALIB_IMAGES = 200  # `mnv2 export --int8`'s default --calib-images
 
 
 def _run(path):
@@ -70,3 +84,47 @@ def test_split_calibration_caps_the_held_out_images():
     assert calib_capped == calib and len(all_held_out) == 800
     assert len(held_out) == 500 and set(held_out) <= set(all_held_out)
     assert split_calibration(images, 200, heldout_images=5000)[1] == all_held_out  # a cap above the count: all
+
+
+@pytest.fixture(scope="session")
+def short_demo_run(tmp_path_factory) -> DemoRun:
+    return demo_run(tmp_path_factory, "short")
+
+
+@pytest.fixture(scope="session")
+def full_demo_run(tmp_path_factory) -> DemoRun:
+    return demo_run(tmp_path_factory, "full")
+
+
+def demo_int8_agreement(demo: DemoRun, out) -> Agreement:
+    """The run's best weights exported and quantised as `mnv2 export --int8` does (percentile calibration on 200
+    training images through the weights' own preprocessing), then top-1 agreement with fp32 on every embedded
+    validation image (none of which calibrated)."""
+    from mnv2.deploy import export_onnx
+    from mnv2.weights import load_model
+
+    model, config = load_model(demo.run / "best.safetensors")
+    fp32 = export_onnx(model, config, out / "fp32.onnx", dynamic_batch=True).path
+    preprocess = Preprocess.from_dict(config["preprocess"])
+    train = sorted((demo.data / "train").rglob("*.jpg"))
+    calib = random.Random(0).sample(train, CALIB_IMAGES)
+    int8 = quantize_int8(fp32, out / "int8.onnx", CalibrationReader.from_images(calib, preprocess))
+    val = sorted((demo.data / "val").rglob("*.jpg"))
+    agreement = top1_agreement(_run(fp32), _run(int8), val, preprocess)
+    assert agreement.images == len(val) == 480
+    print(f"int8 top-1 agreement with fp32: {agreement.fraction:.4f} ({agreement.matches}/{agreement.images} val "
+          f"images; fp32 val top-1 {demo.best['value']:.3f})")
+    return agreement
+
+
+def test_int8_agreement_of_the_short_demo_model(short_demo_run, tmp_path):
+    """The fast suite's trained model (the 30-epoch demo run, shared with test_engine_trainer)."""
+    agreement = demo_int8_agreement(short_demo_run, tmp_path)
+    assert agreement.fraction >= SHORT_DEMO_MIN_AGREEMENT, agreement
+
+
+@pytest.mark.slow
+def test_int8_agreement_of_the_demo_model_is_at_least_98_percent(full_demo_run, tmp_path):
+    """The issue's gate, on the model the demo recipe trains to ~0.91 val top-1 (shared with test_engine_trainer)."""
+    agreement = demo_int8_agreement(full_demo_run, tmp_path)
+    assert agreement.fraction >= FULL_DEMO_MIN_AGREEMENT, agreement

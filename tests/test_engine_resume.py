@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from test_engine_trainer import colour_folder
 
@@ -78,6 +79,17 @@ def kill_resume_and_compare(tmp_path, recipe_text: str, data, steps: int) -> Non
         assert {k: v for k, v in ra.items() if "per_s" not in k} == {k: v for k, v in rb.items() if "per_s" not in k}
 
 
+# The shipped training path: worker processes load the data (as every recipe does) and MixUp / CutMix mix each batch
+# (the torchvision V2 recipe's 0.2 / 1.0), both restored exactly on resume.
+MIX_RECIPE = RECIPE.replace("num_workers: 0", "num_workers: 2, mixup_alpha: 0.2, cutmix_alpha: 1.0")
+
+
+def test_run_with_worker_processes_and_mixup_killed_and_resumed_equals_uninterrupted(tmp_path):
+    assert "num_workers: 2" in MIX_RECIPE
+    data = colour_folder(tmp_path / "data")
+    kill_resume_and_compare(tmp_path, MIX_RECIPE, data, STEPS)
+
+
 DETECTION_RECIPE = """
 task: detection
 model: {name: ssdlite_mobilenet_v2, width: 0.35}
@@ -95,3 +107,67 @@ def test_detection_run_killed_and_resumed_equals_uninterrupted(tmp_path):
 
     data = write_dataset(tmp_path / "data", "detect", images=15, size=64)  # 12 train images: 3 steps per epoch
     kill_resume_and_compare(tmp_path, DETECTION_RECIPE, data, 9)
+
+
+class Crash(Exception):
+    """The process dying at this point."""
+
+
+@pytest.mark.parametrize("crashed", ["ema", "best"])
+def test_crash_between_weights_and_their_json_never_leaves_a_disagreeing_pair(tmp_path, monkeypatch, crashed):
+    """A kill after `<name>.safetensors` of epoch 2 is written and before its `<name>.json`: every reader sees epoch 2's
+    weights with epoch 2's metadata; a `.json` is absent or says the same (never epoch 1's); the resumed run puts the
+    copy back."""
+    from deploy_helpers import mnv2_inprocess
+    from test_engine_trainer import small_config
+
+    import mnv2.weights
+    from mnv2.deploy.export import load_source
+    from mnv2.engine.trainer import Trainer
+    from mnv2.weights import config_copy_path, read_config, read_weights
+
+    data = colour_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    cfg = small_config("train.epochs=3", "train.ema_decay=0.5", "train.checkpoint_every=2", f"data.root={data}")
+    trainer = Trainer(cfg, run, data, progress=False, log=lambda *a: None)
+    real_evaluate, real_copy = trainer.evaluate, mnv2.weights._write_config_copy
+
+    def evaluate(model):  # best improves every epoch, so epoch 2 replaces epoch 1's best.safetensors
+        return {**real_evaluate(model), "top1": float(trainer.epoch)}
+
+    def write_copy(path, config):
+        if trainer.epoch == 2 and path.name == f"{crashed}.safetensors":
+            raise Crash
+        real_copy(path, config)
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    monkeypatch.setattr(mnv2.weights, "_write_config_copy", write_copy)
+    with pytest.raises(Crash):
+        trainer.fit()
+    modules = {"model": trainer.model, "ema": trainer.ema.module}
+    for name in ("best", "ema"):
+        path = run / f"{name}.safetensors"
+        state, header = read_weights(path)
+        assert header["epoch"] == (2 if name == crashed or name == "ema" else 1), name
+        if config_copy_path(path).exists():
+            assert json.loads(config_copy_path(path).read_text()) == header, name
+        else:
+            assert name == crashed
+    state, header = read_weights(run / f"{crashed}.safetensors")
+    live = modules[header.get("weights", "ema")].state_dict()
+    assert all(torch.equal(state[k], v) for k, v in live.items())  # epoch 2's weights, as the header says
+    _model, config = load_source(run=run)  # what Predictor.from_run and `mnv2 export --run` load
+    assert config == read_config(run / "best.safetensors")
+    r = mnv2_inprocess("eval", "--run", str(run), "--json", "--workers", "0")
+    assert r.returncode == 0, r.stderr
+    for label, name in (("best", "best"), ("ema", "ema")):  # the evaluated weights are the ones the metadata scores
+        got, meta = json.loads(r.stdout)["results"][label], read_config(run / f"{name}.safetensors")["metrics"]
+        assert got["loss"] == pytest.approx(meta["loss"], abs=1e-4), label
+
+    monkeypatch.setattr(mnv2.weights, "_write_config_copy", real_copy)
+    logged = []
+    Trainer(cfg, run, data, resume=True, progress=False, log=logged.append)
+    assert f"wrote {crashed}.json from {crashed}.safetensors's header" in logged
+    for name in ("best", "ema"):
+        path = run / f"{name}.safetensors"
+        assert json.loads(config_copy_path(path).read_text()) == read_config(path)

@@ -177,3 +177,28 @@ def test_backbone_load_mismatch_is_an_error_naming_the_file(tmp_path):
     v1 = create_model("deeplabv3_mobilenet_v1", width_mult=0.35)
     with pytest.raises(UserError, match="width05.safetensors"):  # a MobileNetV2 file into a MobileNetV1 backbone
         v1.load_backbone_state(load_file(str(path)), source=str(path))
+
+
+@pytest.mark.parametrize("name", ["deeplabv3_mobilenet_v2", "deeplabv3_mobilenet_v1"])
+def test_bn_momentum_and_eps_from_kwargs(tmp_path, name):
+    """A TF-style BN (momentum 1 - decay, epsilon 1e-3) as model kwargs reaches every BatchNorm, the backbone's and
+    the head's; parameters and state-dict keys do not change; a weights file rebuilds the same BN."""
+    from mnv2.weights import load_model
+
+    kwargs = {"width_mult": 0.35, "num_classes": 5, "aspp": True, "bn_momentum": 0.003, "bn_eps": 1e-3}
+    model = create_model(name, **kwargs)
+    default = create_model(name, width_mult=0.35, num_classes=5, aspp=True)
+
+    def bn_settings(m: nn.Module) -> dict[str, tuple[float, float]]:
+        return {k: (bn.momentum, bn.eps) for k, bn in m.named_modules() if isinstance(bn, nn.BatchNorm2d)}
+
+    got = bn_settings(model)
+    assert set(got.values()) == {(0.003, 1e-3)}
+    assert {k.split(".")[0] for k in got} == {"backbone", "image_pooling", "aspp", "concat_projection"}
+    assert set(bn_settings(default).values()) == {(0.1, 1e-5)} and bn_settings(default).keys() == got.keys()
+    assert count_params(model) == count_params(default)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in default.state_dict().items()}
+    loaded, _ = load_model(save_model(tmp_path / "w.safetensors", model, name, kwargs))
+    assert set(bn_settings(loaded).values()) == {(0.003, 1e-3)}
+    with pytest.raises(ValueError, match="bn_momentum"):
+        create_model(name, width_mult=0.35, bn_momentum=1.5)

@@ -143,25 +143,6 @@ class TestAblations:
             out = model.blocks[0](model.stem(x))
         assert out.min() >= 0 and out.max() <= 6
 
-    def test_expansion_shortcut_joins_expanded_tensors(self):
-        model = create_model("mobilenet_v2", shortcut="expansion").eval()
-        assert not any(b.use_residual for b in model.blocks)
-        x = torch.randn(1, 3, 64, 64)
-        with torch.no_grad():
-            h, carry = model.stem(x), None
-            for b in model.blocks[:3]:
-                h, carry = b.forward_carry(h, carry)
-            # blocks 3-5: the 32-channel stage (block 3 has stride 2 and 144 inner channels, blocks 4-5 have 192)
-            h3, carry3 = model.blocks[3].forward_carry(h, carry)
-            assert torch.allclose(carry3, model.blocks[3].dw(model.blocks[3].expand(h)))  # shapes differ: no add
-            h4, carry4 = model.blocks[4].forward_carry(h3, carry3)
-            assert torch.allclose(carry4, model.blocks[4].dw(model.blocks[4].expand(h3)))  # 144 vs 192 channels
-            h5, carry5 = model.blocks[5].forward_carry(h4, carry4)
-            own = model.blocks[5].dw(model.blocks[5].expand(h4))
-            assert torch.allclose(carry5, own + carry4)  # the wide tensors are joined
-            assert torch.allclose(h5, model.blocks[5].project(own + carry4))
-        assert model(x).shape == (1, 1000)
-
     def test_expand_ratio_switch(self):
         model = create_model("mobilenet_v2", expand_ratio=3)
         assert model.blocks[0].expand is None  # the t = 1 first block stays
@@ -193,3 +174,125 @@ def test_bn_momentum_and_eps_from_kwargs(tmp_path):
     assert {(m.momentum, m.eps) for m in loaded.modules() if isinstance(m, nn.BatchNorm2d)} == {(0.003, 1e-3)}
     with pytest.raises(ValueError, match="bn_momentum"):
         create_model("mobilenet_v2", bn_momentum=0.0)  # running statistics that never move
+
+
+# ---- paper Figure 6b: the expansion shortcut at the design's places --------------------------------------------------
+
+def _module_outputs(model: nn.Module, names, x: torch.Tensor) -> tuple[dict, dict]:
+    """One forward pass of `model` on `x`; the outputs of the named modules, and the inputs of their depthwise convs
+    (for block modules "blocks.i", the input of blocks[i].dw)."""
+    modules = dict(model.named_modules())
+    outputs, dw_inputs, handles = {}, {}, []
+    for name in names:
+        handles.append(modules[name].register_forward_hook(lambda m, a, o, name=name: outputs.__setitem__(name, o)))
+    for i, block in enumerate(model.blocks):
+        handles.append(block.dw.register_forward_pre_hook(lambda m, a, i=i: dw_inputs.__setitem__(i, a[0])))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs, dw_inputs
+
+
+class TestExpansionShortcut:
+    @pytest.mark.parametrize("width", [0.35, 0.5, 0.75, 1.0, 1.4])
+    def test_same_count_at_the_same_blocks_as_the_design(self, width):
+        design = create_model("mobilenet_v2", width_mult=width)
+        wide = create_model("mobilenet_v2", width_mult=width, shortcut="expansion")
+        residual_blocks = tuple(i for i, b in enumerate(design.blocks) if b.use_residual)
+        assert design.shortcut_blocks == residual_blocks == (2, 4, 5, 7, 8, 9, 11, 12, 14, 15)
+        assert wide.shortcut_blocks == design.shortcut_blocks
+        assert len(wide.shortcut_spans) == len(design.shortcut_spans) == 10
+        assert not any(b.use_residual for b in wide.blocks)  # the thin residual is off in this variant
+        assert wide.shortcut_spans == tuple((f"blocks.{i}.dw", f"blocks.{i + 1}.expand") for i in residual_blocks)
+        assert design.shortcut_spans[0] == ("blocks.1", "blocks.2.project")
+        none = create_model("mobilenet_v2", width_mult=width, shortcut="none")
+        assert none.shortcut_blocks == none.shortcut_spans == ()
+
+    @pytest.mark.parametrize("shortcut", ["bottleneck", "expansion"])
+    def test_added_tensors_have_the_same_shape(self, shortcut):
+        model = create_model("mobilenet_v2", width_mult=0.35, shortcut=shortcut).eval()
+        names = {n for span in model.shortcut_spans for n in span}
+        outputs, _ = _module_outputs(model, names, torch.randn(1, 3, 64, 64))
+        for a, b in model.shortcut_spans:
+            assert outputs[a].shape == outputs[b].shape, (a, b)
+
+    def test_forward_equals_the_wide_residual_written_out(self):
+        model = create_model("mobilenet_v2", width_mult=0.35, num_classes=5, shortcut="expansion").eval()
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            h, carry, adds = model.stem(x), None, 0
+            for i, b in enumerate(model.blocks):
+                wide = b.expand(h) if b.expand is not None else h
+                if carry is not None:
+                    wide, adds = wide + carry, adds + 1
+                filtered = b.dw(wide)
+                h = b.project(filtered)  # no thin residual
+                carry = filtered if i in model.shortcut_blocks else None
+            assert adds == 10
+            assert torch.allclose(model.forward_features(x), model.head(h), atol=1e-6)
+
+    def test_next_block_sees_the_carried_depthwise_output(self):
+        # training-mode BN normalises every layer: at initialisation, eval-mode activations fade to ~1e-12 deep down
+        model = create_model("mobilenet_v2", width_mult=0.35, shortcut="expansion").train()
+        names = {f"blocks.{i}.{part}" for i in range(len(model.blocks)) for part in ("expand", "dw")} - {
+            "blocks.0.expand"}
+        outputs, dw_inputs = _module_outputs(model, names, torch.randn(2, 3, 64, 64))
+        for i in range(1, len(model.blocks)):
+            own = outputs[f"blocks.{i}.expand"]
+            if i - 1 in model.shortcut_blocks:
+                carried = outputs[f"blocks.{i - 1}.dw"]
+                assert carried.abs().sum() > 0
+                assert torch.allclose(dw_inputs[i], own + carried, atol=1e-6), i
+                assert not torch.allclose(dw_inputs[i], own, atol=1e-3), i  # the shortcut changes what block i filters
+            else:
+                assert torch.equal(dw_inputs[i], own), i
+
+    def test_zeroing_a_depthwise_output_reaches_the_next_block_through_the_shortcut(self):
+        """With block 4's depthwise output zeroed, block 5's depthwise input loses exactly that tensor: in this variant
+        it is expand_5(project_4(0)) + 0, where the no-shortcut variant would give expand_5(project_4(0))."""
+        model = create_model("mobilenet_v2", width_mult=0.35, shortcut="expansion").train()
+        x = torch.randn(2, 3, 64, 64)
+        _, before = _module_outputs(model, [], x)
+        handle = model.blocks[4].dw.register_forward_hook(lambda m, a, o: torch.zeros_like(o))
+        try:
+            outputs, after = _module_outputs(model, ["blocks.5.expand"], x)
+        finally:
+            handle.remove()
+        assert not torch.allclose(before[5], after[5])
+        assert torch.allclose(after[5], outputs["blocks.5.expand"])  # only block 5's own expansion is left
+
+    @pytest.mark.parametrize("size,os_", [(96, 32), (224, 32), (224, 16), (224, 8)])
+    def test_forward_at_resolutions_and_output_strides(self, size, os_):
+        model = create_model("mobilenet_v2", width_mult=0.35, shortcut="expansion", output_stride=os_,
+                             num_classes=3).eval()
+        design = create_model("mobilenet_v2", width_mult=0.35, output_stride=os_, num_classes=3)
+        assert model.shortcut_blocks == design.shortcut_blocks and len(model.shortcut_blocks) == 10
+        x = torch.randn(1, 3, size, size)
+        with torch.no_grad():
+            assert model.forward_features(x).shape[-1] == -(-size // os_)
+            assert torch.isfinite(model(x)).all()
+
+    def test_layer15_tap_is_the_expanded_tensor_with_the_carry(self):
+        model = create_model("mobilenet_v2", shortcut="expansion").eval()
+        x = torch.randn(1, 3, 320, 320)
+        _, dw_inputs = _module_outputs(model, [], x)
+        with torch.no_grad():
+            taps = model.forward_taps(x, ["layer15_expansion", "head"])
+        tap = {t.name: t for t in model.feature_taps}["layer15_expansion"]
+        assert taps["layer15_expansion"].shape == (1, tap.channels, 20, 20) == (1, 576, 20, 20)
+        assert torch.equal(taps["layer15_expansion"], dw_inputs[13])  # block 12 carries into block 13
+        assert torch.allclose(taps["head"], model.forward_features(x))
+
+    def test_shapes_that_cannot_join_are_rejected(self):
+        # the last block keeps stride 1 and 320 channels: its wide residual would need an 18th block
+        last_has_shortcut = TABLE_2[:-1] + ((6, 320, 2, 1),)
+        assert len(create_model("mobilenet_v2", setting=last_has_shortcut).shortcut_blocks) == 11
+        with pytest.raises(ValueError, match="last block"):
+            create_model("mobilenet_v2", setting=last_has_shortcut, shortcut="expansion")
+        # block 2 (t = 6: 144 channels) would join block 3 (t = 3: 72 channels)
+        mixed = ((1, 16, 1, 1), (6, 24, 2, 2), (3, 24, 1, 1))
+        with pytest.raises(ValueError, match="144 channels.*72 channels"):
+            create_model("mobilenet_v2", setting=mixed, shortcut="expansion")

@@ -218,3 +218,29 @@ def test_ssd_variant_uses_regular_convs():
     assert set(ssd.backbone.state_dict()) == set(lite.backbone.state_dict())
     with pytest.raises(ValueError, match="heads must be"):
         create_model("ssdlite_mobilenet_v2", heads="yolo")
+
+
+@pytest.mark.parametrize("heads", ["ssdlite", "ssd"])
+def test_bn_momentum_and_eps_from_kwargs(tmp_path, heads):
+    """A TF-style BN (momentum 1 - decay, epsilon 1e-3) as model kwargs reaches every BatchNorm: the backbone's, the
+    extra layers' and the heads'; parameters and state-dict keys do not change; a weights file rebuilds the same BN."""
+    from mnv2.weights import load_model, save_model
+
+    kwargs = {"width_mult": 0.35, "num_classes": 3, "heads": heads, "bn_momentum": 0.003, "bn_eps": 1e-3}
+    model = create_model("ssdlite_mobilenet_v2", **kwargs)
+    default = create_model("ssdlite_mobilenet_v2", width_mult=0.35, num_classes=3, heads=heads)
+
+    def bn_settings(m: nn.Module) -> dict[str, tuple[float, float]]:
+        return {name: (bn.momentum, bn.eps) for name, bn in m.named_modules() if isinstance(bn, nn.BatchNorm2d)}
+
+    got = bn_settings(model)
+    assert set(got.values()) == {(0.003, 1e-3)}
+    assert any(k.startswith("backbone.") for k in got) and any(k.startswith("extras.") for k in got)
+    assert any(k.startswith(("cls_heads.", "box_heads.")) for k in got) == (heads == "ssdlite")  # SSD heads: no BN
+    assert set(bn_settings(default).values()) == {(0.1, 1e-5)} and bn_settings(default).keys() == got.keys()
+    assert count_params(model) == count_params(default)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in default.state_dict().items()}
+    loaded, _ = load_model(save_model(tmp_path / "w.safetensors", model, "ssdlite_mobilenet_v2", kwargs))
+    assert set(bn_settings(loaded).values()) == {(0.003, 1e-3)}
+    with pytest.raises(ValueError, match="bn_momentum"):
+        create_model("ssdlite_mobilenet_v2", width_mult=0.35, num_classes=3, bn_momentum=0.0)

@@ -2,7 +2,9 @@
 
 A weights file is self-describing: `load_model(path)` rebuilds the model from the registry with the stored keyword
 arguments, and returns the stored metadata (preprocessing, class names, provenance) beside it. A readable copy of the
-config is written next to the weights as `<name>.json`.
+config is written next to the weights as `<name>.json`. The header is the truth, and every reader here reads it; the
+copy is removed before the weights are replaced and written again after them, so after a crash at any point a `.json`
+beside a weights file describes those weights, or is absent until `restore_config_copy` (a resumed run) rewrites it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import atomic_path, atomic_write_text
+from .atomic import atomic_path, atomic_write_text, fsync_dir
 from .errors import UserError
 from .models import create_model
 
@@ -30,10 +32,36 @@ def save_model(path: str | Path, model: nn.Module, model_name: str, model_kwargs
     config = {"model": model_name, "model_kwargs": model_kwargs, **meta}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
+    copy = config_copy_path(path)
+    if copy.exists():  # never the old weights' copy beside the new weights
+        copy.unlink()
+        fsync_dir(copy.parent)  # the removal is on disk before the new weights' rename is
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata={CONFIG_KEY: json.dumps(config)})
-    atomic_write_text(path.with_suffix(".json"), json.dumps(config, indent=2) + "\n")
+    _write_config_copy(path, config)
     return path
+
+
+def config_copy_path(path: str | Path) -> Path:
+    """The readable copy of a weights file's config: `best.safetensors` -> `best.json`."""
+    return Path(path).with_suffix(".json")
+
+
+def _write_config_copy(path: Path, config: dict) -> None:
+    atomic_write_text(config_copy_path(path), json.dumps(config, indent=2) + "\n")
+
+
+def restore_config_copy(path: str | Path) -> bool:
+    """Write the readable `.json` beside the weights file `path` from its header if it is missing or differs (a
+    crash between the weights and their copy leaves none); True if it was written."""
+    config, copy = read_config(path), config_copy_path(path)
+    try:
+        if json.loads(copy.read_text()) == config:
+            return False
+    except (OSError, ValueError):
+        pass
+    _write_config_copy(Path(path), config)
+    return True
 
 
 def read_config(path: str | Path) -> dict:

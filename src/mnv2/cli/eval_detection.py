@@ -12,8 +12,7 @@ from ..errors import UserError
 
 
 def run_detection(args, files: dict[str, Path], device) -> int:
-    from torch.utils.data import DataLoader
-
+    from ..data.loader import build_loader
     from ..engine.config import Config
     from ..engine.tasks import evaluate
     from ..engine.tasks.detection import DetectionTask
@@ -39,7 +38,7 @@ def run_detection(args, files: dict[str, Path], device) -> int:
         if model.num_classes != len(val.category_ids):
             raise UserError(f"{path}: the model predicts {model.num_classes} classes but {val.annotation_file} "
                             f"has {len(val.category_ids)} categories")
-        loader = DataLoader(val, batch_size=args.batch_size, num_workers=args.workers, collate_fn=task.collate)
+        loader = build_loader(val, args.batch_size, args.workers, collate_fn=task.collate)
         metrics, evaluator = evaluate(task, model.to(device), loader, device, progress=not args.json)
         results[label] = {"weights": str(path), **metrics}
         if not args.json:

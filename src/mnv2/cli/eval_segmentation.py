@@ -27,8 +27,7 @@ def parse_scales(text: str | None) -> tuple[float, ...]:
 
 
 def run_segmentation(args, files: dict[str, Path], device) -> int:
-    from torch.utils.data import DataLoader
-
+    from ..data.loader import build_loader
     from ..engine.tasks import evaluate
     from ..engine.tasks.segmentation import SegmentationTask
     from ..weights import load_model
@@ -51,7 +50,7 @@ def run_segmentation(args, files: dict[str, Path], device) -> int:
             raise UserError(f"{path}: the model predicts {model.num_classes} classes but the data has "
                             f"{len(val.class_names)} ({', '.join(val.class_names[:4])}, ...)")
         task.eval_scales, task.eval_flip = scales, args.flip
-        loader = DataLoader(val, batch_size=args.batch_size, num_workers=args.workers, collate_fn=task.collate)
+        loader = build_loader(val, args.batch_size, args.workers, collate_fn=task.collate)
         _, evaluator = evaluate(task, model.to(device), loader, device, progress=not args.json)
         results[label] = {"weights": str(path), "images": len(val), **evaluator.summary}
     if args.json:

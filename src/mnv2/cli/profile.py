@@ -93,21 +93,9 @@ def _build(args):
 
 
 def _grid(args) -> int:
-    from ..analysis import count_madds, count_params
-    from ..models import create_model
+    from ..paper.tables import figure5_grid
     args.num_classes = 1000 if args.num_classes is None else args.num_classes
-    cells = [(a, r) for a in reference.GRID_WIDTHS for r in reference.GRID_RESOLUTIONS]
-    cells = list(reference.GRID_EXTRA) + cells
-    rows, params_cache = [], {}
-    for a, r in cells:
-        if a not in params_cache:
-            params_cache[a] = create_model("mobilenet_v2", width_mult=a, num_classes=args.num_classes)
-        model = params_cache[a]
-        top1, paper_madds = reference.FIGURE5[(a, r)]
-        params = count_params(model)
-        rows.append({"width": a, "resolution": r, "params": params, "params_without_bn": params - _bn_params(model),
-                     "madds": count_madds(model, r), "paper_madds_m": paper_madds, "paper_top1": top1,
-                     "paper_params_m": reference.FIGURE5_PARAMS_M[a]})
+    rows = figure5_grid(args.num_classes)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -129,34 +117,15 @@ GRID_FOOTNOTE = """\
   leaves BN out. The paper's own Table 4 gives 3.4M for 1.0 and 6.9M for 1.4."""
 
 
-def _bn_params(model) -> int:
-    """BatchNorm's scale and offset: 2 per channel of every BN layer (the zoo's counts leave them out)."""
-    from torch import nn
-    return sum(p.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters())
-
-
 def _table5(args) -> int:
     """Paper Table 5 (prediction layers of SSD and SSDLite) and the Table 6 row, ours at 300 and 320 beside the paper's.
-
-    "Prediction layers" here = the four extra feature layers + the class and box heads: everything but the backbone.
-    """
-    from ..models import create_model
+    "Prediction layers" here = the four extra feature layers + the class and box heads: everything but the backbone."""
+    from ..paper.tables import table5
     classes = 80 if args.num_classes is None else args.num_classes
     width = 1.0 if args.width is None else args.width
-    rows = []
-    for heads in ("ssd", "ssdlite"):
-        model = create_model("ssdlite_mobilenet_v2", heads=heads, num_classes=classes, width_mult=width)
-        row = {"heads": heads, "num_classes": classes, "width": width, "paper_params_m": reference.TABLE5[heads][0],
-               "paper_madds_b": reference.TABLE5[heads][1]}
-        for size in (300, 320):
-            parts = _parts(model, size)
-            for name, keys in (("prediction", ("extras", "cls_heads", "box_heads")), ("heads", ("cls_heads",
-                               "box_heads")), ("total", tuple(parts))):
-                row[f"{name}_params"] = sum(parts[k][0] for k in keys)
-                row[f"{name}_madds_{size}"] = sum(parts[k][1] for k in keys)
-        rows.append(row)
-    _, table6_params, table6_madds, _ = reference.TABLE6["MNet V2 + SSDLite"]
-    table6 = {"paper_params_m": table6_params, "paper_madds_b": table6_madds}
+    result = table5(classes, width)
+    rows, table6 = result["table5"], result["table6_paper"]
+    table6_params, table6_madds = table6["paper_params_m"], table6["paper_madds_b"]
     if args.json:
         print(json.dumps({"table5": rows, "table6_paper": table6}, indent=2))
         return 0
@@ -197,33 +166,11 @@ ResNet-101 rows: the paper's only (not built here)."""
 
 
 def _table7(args) -> int:
-    """Paper Table 7's MobileNet rows counted by `count_params` / `count_madds` beside the paper's values.
-
-    The models are built on the meta device: shapes only, so the 12 passes of an MF row at up to 896 x 896 are counted
-    without being computed. See TABLE7_FOOTNOTE for the columns and what explains the differences.
-    """
-    import torch
-
-    from ..analysis import count_madds, count_params
-    from ..models import create_model
+    """Paper Table 7's MobileNet rows counted by our counter beside the paper's values (see TABLE7_FOOTNOTE)."""
+    from ..paper.tables import table7
     classes = 21 if args.num_classes is None else args.num_classes
     width = 1.0 if args.width is None else args.width
-    rows = []
-    for (network, stride, aspp, mf), (miou, paper_params, paper_madds) in reference.TABLE7.items():
-        row = {"network": network, "output_stride": stride, "aspp": aspp, "mf": mf, "paper_miou": miou,
-               "paper_params_m": paper_params, "paper_madds_b": paper_madds}
-        name = reference.TABLE7_MODELS.get(network)
-        if name is not None:
-            with torch.device("meta"):
-                model = create_model(name, num_classes=classes, width_mult=width, output_stride=stride, aspp=aspp)
-            scales = reference.TABLE7_MF_SCALES if mf else (1.0,)
-            passes = 2 if mf else 1  # each scale and its left-right flip
-            at_513 = [_madds_513(model, round(512 * s) + 1) for s in scales]
-            row.update(model=name, params=count_params(model),
-                       madds=passes * sum(count_madds(model, round(512 * s)) for s in scales),
-                       madds_513=passes * sum(plain for plain, _ in at_513),
-                       madds_513_tf_atrous=passes * sum(tf for _, tf in at_513))
-        rows.append(row)
+    rows = table7(classes, width)
     if args.json:
         print(json.dumps({"num_classes": classes, "width": width, "rows": rows}, indent=2))
         return 0
@@ -246,45 +193,6 @@ def _table7(args) -> int:
               f"{paper_m:>8} {ratio:>10.3f}")
     print(TABLE7_FOOTNOTE)
     return 0
-
-
-def _madds_513(model, size: int) -> tuple[int, int]:
-    """(MAdds, MAdds with dilated convs counted as TF 1.x computes them), from one per-layer count.
-
-    TF 1.x runs a dilated conv as space_to_batch -> conv -> batch_to_space on the map padded to a multiple of the rate
-    (`required_space_to_batch_paddings`): r * (ceil((n + (k - 1) * r) / r) - (k - 1)) outputs per dimension of an
-    n-wide map. Every multiply-add of these models is in a profiled layer, so the first number is `count_madds`'s.
-    """
-    from torch import nn
-
-    from ..analysis import profile_layers
-    from ..models.blocks import ConvBNAct
-    modules = dict(model.named_modules())
-    plain = tf = 0
-    for row in profile_layers(model, size):
-        m = modules[row.name]
-        conv = m.conv if isinstance(m, ConvBNAct) else m
-        rate = conv.dilation[0] if isinstance(conv, nn.Conv2d) else 1
-        plain += row.madds
-        if rate == 1:
-            tf += row.madds
-            continue
-        k = conv.kernel_size[0]
-        h, w = row.output_shape[-2:]
-        grid = [rate * (-(-(n + (k - 1) * rate) // rate) - (k - 1)) for n in (h, w)]
-        tf += row.madds * grid[0] * grid[1] // (h * w)
-    return plain, tf
-
-
-def _parts(model, size) -> dict[str, tuple[int, int]]:
-    """(params, MAdds) per top-level submodule (backbone, extras, cls_heads, box_heads), from one counted pass."""
-    from ..analysis import profile_layers
-    parts: dict[str, tuple[int, int]] = {}
-    for r in profile_layers(model, size):
-        top = r.name.split(".")[0]
-        params, madds = parts.get(top, (0, 0))
-        parts[top] = (params + r.params, madds + r.madds)
-    return parts
 
 
 def _memory(args) -> int:

@@ -115,7 +115,8 @@ class OnnxRuntimeBackend:
         source = str(onnx_model) if isinstance(onnx_model, (str, Path)) else onnx_model
         try:
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph / InvalidProtobuf types
+        except Exception as e:  # noqa: BLE001 -- onnxruntime's errors (Fail, InvalidGraph, InvalidProtobuf,
+            # NoSuchFile, ...) are pybind11 classes deriving from Exception itself: no narrower base catches them all
             raise UserError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
         self.input_name = self.session.get_inputs()[0].name
 
@@ -153,7 +154,7 @@ class OpenVinoBackend:
                 path.write_bytes(onnx_model)
             try:
                 self.model = self.core.read_model(str(path))
-            except Exception as e:
+            except RuntimeError as e:  # OpenVINO's C++ exceptions arrive as RuntimeError
                 raise UserError(f"OpenVINO cannot load the model: {str(e).splitlines()[0]}") from None
         self.requests: OrderedDict[tuple[int, ...], object] = OrderedDict()
         dims = list(self.model.inputs[0].get_partial_shape())
@@ -161,7 +162,7 @@ class OpenVinoBackend:
         if len(dims) == 4 and any(d.is_dynamic for d in dims[2:]):  # free height and width: one dynamic compile
             try:
                 self.dynamic_request = self.core.compile_model(self.model, "CPU", self.config).create_infer_request()
-            except Exception as e:  # noqa: BLE001 -- OpenVINO raises its own exception types
+            except RuntimeError as e:  # OpenVINO's C++ exceptions arrive as RuntimeError
                 raise UserError(f"OpenVINO cannot compile the model: {str(e).splitlines()[0]}") from None
         elif all(d.is_static for d in dims[1:]):  # compile now, so that a graph OpenVINO cannot run fails here
             self._request((dims[0].get_length() if dims[0].is_static else 1, *(d.get_length() for d in dims[1:])))
@@ -175,7 +176,7 @@ class OpenVinoBackend:
         try:
             model.reshape(list(shape))
             request = self.core.compile_model(model, "CPU", self.config).create_infer_request()
-        except Exception as e:
+        except RuntimeError as e:  # OpenVINO's C++ exceptions arrive as RuntimeError
             raise UserError(f"OpenVINO cannot run the model on input {list(shape)}: {str(e).splitlines()[0]}"
                             ) from None
         self.requests[shape] = request
@@ -409,7 +410,8 @@ def inspect_onnx(path: str | Path):
         raise UserError(f"{path}: no such ONNX file")
     try:
         proto = onnx.load(str(path))
-    except Exception as e:  # protobuf DecodeError, external data missing, ...
+    except Exception as e:  # noqa: BLE001 -- protobuf's DecodeError, onnx's checker errors, OSError for missing
+        # external data: they share no base narrower than Exception, and each must be this one line
         raise UserError(f"{path}: not a readable ONNX model ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
                         ) from None
     graph = proto.graph

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from ..data.loader import build_loader
 from ..errors import UserError
 from ..progress import progress_bar
 from . import bf16, distributed, fastpath, finetune
@@ -103,10 +104,9 @@ class Trainer:
 
     # ---- data -------------------------------------------------------------------------------------------------
     def _loader(self, dataset, sampler, batch_size: int, drop_last: bool) -> DataLoader:
-        workers = self.cfg.data.num_workers
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                          collate_fn=self.task.collate, pin_memory=self.device.type == "cuda",
-                          persistent_workers=workers > 0, generator=torch.Generator().manual_seed(self.cfg.train.seed))
+        return build_loader(dataset, batch_size, self.cfg.data.num_workers, collate_fn=self.task.collate,
+                            sampler=sampler, drop_last=drop_last, seed=self.cfg.train.seed,
+                            pin_memory=self.device.type == "cuda")
 
     def _to_device(self, batch):
         return self.task.to_device(batch, self.device, self.memory_format)
@@ -161,7 +161,18 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         if self.ctx.is_main:
             self._drop_metrics_after(self.step)
+            self._restore_config_copies()
         self.log(f"resumed {path}: epoch {self.epoch + 1}, step {self.step}")
+
+    def _restore_config_copies(self) -> None:
+        """best.json / ema.json as their weights' headers say: a kill between writing the weights and their readable
+        copy leaves the weights without one (never with the previous weights' copy: mnv2.weights.save_model)."""
+        from ..weights import restore_config_copy
+
+        for name in ("best", "ema"):
+            path = self.run_dir / f"{name}.safetensors"
+            if path.is_file() and restore_config_copy(path):
+                self.log(f"wrote {path.with_suffix('.json').name} from {path.name}'s header")
 
     def _drop_metrics_after(self, step: int) -> None:
         """metrics.jsonl as it was at the checkpoint: the records a killed run wrote after it are written again by

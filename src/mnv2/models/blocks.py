@@ -77,10 +77,11 @@ class InvertedResidual(nn.Module):
 
     Ablation switches of paper Figure 6:
       - `bottleneck_act`: "linear" (the paper's design) or "relu6" (a non-linear bottleneck, Figure 6a).
-      - `shortcut`: "bottleneck" (residual between the thin tensors, the design), "expansion" (residual between the
-        expanded tensors of consecutive blocks, as in classical residual networks, Figure 6b) or "none".
-    The expansion shortcut needs the previous block's expanded tensor, so the network drives it through
-    `forward_carry`; `forward` is the plain path.
+      - `shortcut`: "bottleneck" (the design: a residual between the thin tensors, where the block keeps stride 1 and
+        its channel count, `design_shortcut`), "expansion" (Figure 6b: the residual joins expanded tensors of
+        consecutive blocks instead, as in classical residual networks) or "none". In this block "expansion" only turns
+        the thin residual off; the wide residual crosses into the next block, so `MobileNetV2` places it (at the
+        design's positions) and drives it through `forward_carry`. `forward` is the plain path.
     """
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, expand_ratio: float, dilation: int = 1,
@@ -93,7 +94,7 @@ class InvertedResidual(nn.Module):
             raise ValueError(f"shortcut must be 'bottleneck', 'expansion' or 'none', got {shortcut!r}")
         hidden = int(round(in_ch * expand_ratio)) if hidden is None else hidden
         self.in_ch, self.out_ch, self.hidden, self.stride = in_ch, out_ch, hidden, stride
-        self.use_residual = shortcut == "bottleneck" and stride == 1 and in_ch == out_ch
+        self.use_residual = shortcut == "bottleneck" and self.design_shortcut
         self.expand = ConvBNAct(in_ch, hidden, 1, bn_eps=bn_eps) if hidden != in_ch else None
         self.dw = ConvBNAct(hidden, hidden, 3, stride, dilation, groups=hidden, bn_eps=bn_eps, padding=padding)
         self.project = ConvBNAct(hidden, out_ch, 1, act=bottleneck_act == "relu6", bn_eps=bn_eps)
@@ -109,14 +110,22 @@ class InvertedResidual(nn.Module):
         out = self.project(self.dw(h))
         return (x + out if self.use_residual else out), h
 
-    def forward_carry(self, x: torch.Tensor, carry: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Expansion shortcut: add the previous block's filtered expanded tensor to this block's, when shapes agree.
+    @property
+    def design_shortcut(self) -> bool:
+        """Whether the paper's design puts a residual here: stride 1 and as many channels out as in (paper Figure 4d)."""
+        return self.stride == 1 and self.in_ch == self.out_ch
 
-        The expanded tensors after the depthwise filter are the wide tensors of the network; a residual between
-        consecutive ones spans [projection, expansion, depthwise] -- wide -> thin -> wide, a classical bottleneck.
+    def forward_carry(self, x: torch.Tensor, carry: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The expansion-shortcut path (Figure 6b): `carry`, the previous block's depthwise output, is added to this
+        block's expanded tensor, and the sum goes on into the depthwise conv.
+
+        Returns (output, expanded tensor with the carry added, depthwise output); the network passes the last on as
+        the next block's carry where the design has a shortcut. The residual spans [projection, expansion] of two
+        consecutive blocks -- wide -> thin -> wide, the classical residual of the paper's Figure 3a.
         """
         h = self.expand(x) if self.expand is not None else x
-        h = self.dw(h)
-        if carry is not None and carry.shape == h.shape:
+        if carry is not None:
             h = h + carry
-        return self.project(h), h
+        filtered = self.dw(h)
+        return self.project(filtered), h, filtered

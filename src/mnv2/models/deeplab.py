@@ -73,10 +73,12 @@ class DeepLabV3(nn.Module):
         aspp: add the three atrous 3x3 branches (rates 6, 12, 18 at OS 16, doubled at OS 8).
         dropout: before the logits (TF DeepLab keep_prob 0.9).
         bn_eps: BatchNorm epsilon of the head.
+        bn_momentum: every BatchNorm's momentum, the backbone's and the head's (PyTorch's 0.1; a TF batch-norm decay d
+            is momentum 1 - d); None leaves the backbone's as built and the head's at 0.1.
     """
 
     def __init__(self, backbone: nn.Module, feature: str, *, num_classes: int = 21, aspp: bool = False,
-                 dropout: float = 0.1, bn_eps: float = 1e-5):
+                 dropout: float = 0.1, bn_eps: float = 1e-5, bn_momentum: float | None = None):
         super().__init__()
         taps = {t.name: t for t in backbone.feature_taps}
         if feature not in taps:
@@ -86,6 +88,8 @@ class DeepLabV3(nn.Module):
                              f"{taps[feature].stride}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        if bn_momentum is not None and not 0 < bn_momentum <= 1:
+            raise ValueError(f"bn_momentum must be in (0, 1] (PyTorch's convention, 1 - TF's decay), got {bn_momentum}")
         self.backbone, self.feature = backbone, feature
         self.num_classes, self.output_stride = num_classes, taps[feature].stride
         self.width_mult = getattr(backbone, "width_mult", None)
@@ -101,6 +105,10 @@ class DeepLabV3(nn.Module):
         for module in (self.image_pooling, self.aspp, self.concat_projection):
             init_weights(module)
         self.reset_classifier(num_classes)
+        if bn_momentum is not None:  # momentum is training behaviour, not structure: set on the built model
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.momentum = bn_momentum
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new logits layer for `num_classes` classes, initialised as a new model's is; the rest is kept."""
@@ -143,26 +151,27 @@ class DeepLabV3(nn.Module):
 
 def deeplabv3_mobilenet_v2(*, num_classes: int = 21, width_mult: float = 1.0, output_stride: int = 16,
                            aspp: bool = False, feature: str = "stage7", dropout: float = 0.1,
-                           padding: Padding = "torch", bn_eps: float = 1e-5) -> DeepLabV3:
+                           padding: Padding = "torch", bn_eps: float = 1e-5, bn_momentum: float = 0.1) -> DeepLabV3:
     """Mobile DeepLabv3 on MobileNetV2. `feature="stage7"` is the paper's MNet V2* (the 320-channel output of the last
     bottleneck; the 1280-channel conv is then not built), `feature="head"` the 1280-channel map."""
     _check_output_stride(output_stride)
     if feature not in ("stage7", "head"):
         raise ValueError(f"feature must be 'stage7' (MNet V2*) or 'head' (the 1280-channel map), got {feature!r}")
     backbone = MobileNetV2(num_classes=0, width_mult=width_mult, output_stride=output_stride, padding=padding,
-                           bn_eps=bn_eps, head_conv=feature == "head")
-    return DeepLabV3(backbone, feature, num_classes=num_classes, aspp=aspp, dropout=dropout, bn_eps=bn_eps)
+                           bn_eps=bn_eps, bn_momentum=bn_momentum, head_conv=feature == "head")
+    return DeepLabV3(backbone, feature, num_classes=num_classes, aspp=aspp, dropout=dropout, bn_eps=bn_eps,
+                     bn_momentum=bn_momentum)
 
 
 def deeplabv3_mobilenet_v1(*, num_classes: int = 21, width_mult: float = 1.0, output_stride: int = 16,
                            aspp: bool = False, dropout: float = 0.1, padding: Padding = "torch",
-                           bn_eps: float = 1e-5) -> DeepLabV3:
+                           bn_eps: float = 1e-5, bn_momentum: float = 0.1) -> DeepLabV3:
     """Mobile DeepLabv3 on MobileNetV1 (Table 7's "MNet V1"): the head on its last, 1024-channel map."""
     _check_output_stride(output_stride)
     backbone = MobileNetV1(num_classes=0, width_mult=width_mult, output_stride=output_stride, padding=padding,
                            bn_eps=bn_eps)
     return DeepLabV3(backbone, backbone.feature_taps[-1].name, num_classes=num_classes, aspp=aspp, dropout=dropout,
-                     bn_eps=bn_eps)
+                     bn_eps=bn_eps, bn_momentum=bn_momentum)
 
 
 def _check_output_stride(output_stride: int) -> None:

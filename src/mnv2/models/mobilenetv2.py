@@ -47,7 +47,8 @@ class MobileNetV2(Classifier):
             channels when alpha < 1 (paper section 3.4).
         dropout: dropout before the classifier.
         expand_ratio: overrides t for every expanding block (paper Figure 6 ablation of the expansion factor).
-        bottleneck_act, shortcut: the block ablation switches (paper Figure 6a, 6b).
+        bottleneck_act, shortcut: the block ablation switches (paper Figure 6a, 6b). Every variant's shortcuts sit at
+            the design's positions, `shortcut_blocks` (see `shortcut_spans` for what each one adds).
         output_stride: 32, 16 or 8; later strides become dilation (atrous backbone, paper section 6.3).
         padding: "torch" (symmetric) or "tf" (TensorFlow 'SAME' on strided convs) for TF-trained weights.
         bn_eps: BatchNorm epsilon (1e-5 in PyTorch, 1e-3 in TF / Keras).
@@ -106,6 +107,9 @@ class MobileNetV2(Classifier):
             taps.append(FeatureTap(f"stage{stage}", current_stride, out_ch))
             self._stage_ends[len(blocks) - 1] = f"stage{stage}"
         self.blocks = nn.Sequential(*blocks)
+        self.shortcut_blocks, self.shortcut_spans = _place_shortcuts(blocks, shortcut)
+        # blocks whose depthwise output the next block adds to its expanded tensor (the expansion variant only)
+        self._carry_from = frozenset(self.shortcut_blocks) if shortcut == "expansion" else frozenset()
         self.head = ConvBNAct(in_ch, head_ch, 1, bn_eps=bn_eps) if head_conv else None
         if head_conv:
             taps.append(FeatureTap("head", current_stride, head_ch))
@@ -120,18 +124,29 @@ class MobileNetV2(Classifier):
         init_weights(self)
 
     def _run_blocks(self, x: torch.Tensor, taps: set[str] | None = None, out: dict | None = None) -> torch.Tensor:
-        carry = None
+        if self.shortcut == "expansion":
+            return self._run_blocks_carrying(x, taps, out)
         for i, block in enumerate(self.blocks):
-            if self.shortcut == "expansion":
-                if taps is not None and i == LAYER15_BLOCK and "layer15_expansion" in taps:
-                    out["layer15_expansion"] = block.expand(x) if block.expand is not None else x
-                x, carry = block.forward_carry(x, carry)
-            elif taps is not None and i == LAYER15_BLOCK and "layer15_expansion" in taps:
+            if taps is not None and i == LAYER15_BLOCK and "layer15_expansion" in taps:
                 x, out["layer15_expansion"] = block.forward_with_expansion(x)
             else:
                 x = block(x)
             if taps is not None and self._stage_ends.get(i) in taps:
                 out[self._stage_ends[i]] = x
+        return x
+
+    def _run_blocks_carrying(self, x: torch.Tensor, taps: set[str] | None, out: dict | None) -> torch.Tensor:
+        """The blocks of the expansion-shortcut variant (Figure 6b): block i's depthwise output is carried into block
+        i + 1's expanded tensor wherever the design has a shortcut in block i."""
+        carry = None
+        for i, block in enumerate(self.blocks):
+            x, expanded, filtered = block.forward_carry(x, carry)
+            carry = filtered if i in self._carry_from else None
+            if taps is not None:
+                if i == LAYER15_BLOCK and "layer15_expansion" in taps:
+                    out["layer15_expansion"] = expanded  # with the carried sum: what the depthwise conv sees
+                if self._stage_ends.get(i) in taps:
+                    out[self._stage_ends[i]] = x
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,3 +168,31 @@ class MobileNetV2(Classifier):
             out["head"] = self.head(x)
         return {n: out[n] for n in names}
 
+
+def _place_shortcuts(blocks: Sequence[InvertedResidual], shortcut: Shortcut
+                     ) -> tuple[tuple[int, ...], tuple[tuple[str, str], ...]]:
+    """Where the network's shortcuts go: the blocks at which the design has one (stride 1, channels kept), and per
+    shortcut the two modules whose outputs are added.
+
+    "bottleneck": block i's input (the previous module's output) + block i's projection. "expansion": block i's
+    depthwise output + block i + 1's expansion output, the same count at the same places, joining wide tensors. The
+    wide tensors agree in resolution (block i keeps its stride of 1); their widths are checked here.
+    """
+    if shortcut == "none":
+        return (), ()
+    positions = tuple(i for i, b in enumerate(blocks) if b.design_shortcut)
+    spans = []
+    for i in positions:
+        if shortcut == "bottleneck":
+            spans.append((f"blocks.{i - 1}" if i > 0 else "stem", f"blocks.{i}.project"))
+            continue
+        if i + 1 == len(blocks):
+            raise ValueError(f"shortcut='expansion': block {i}, the last block, has the design's shortcut, and the "
+                             f"expansion shortcut would need a block {i + 1} to join")
+        here, after = blocks[i], blocks[i + 1]
+        if after.hidden != here.hidden:
+            raise ValueError(f"shortcut='expansion': block {i}'s depthwise output ({here.hidden} channels) cannot be "
+                             f"added to block {i + 1}'s expanded tensor ({after.hidden} channels); the expansion "
+                             f"factors of the two blocks differ")
+        spans.append((f"blocks.{i}.dw", f"blocks.{i + 1}.expand" if after.expand is not None else f"blocks.{i}"))
+    return positions, tuple(spans)

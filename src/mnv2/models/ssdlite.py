@@ -76,11 +76,14 @@ class SSDLite(nn.Module):
         anchor_layout: "tf" (3 anchors on the first map, 6 on the others) or "torchvision" (6 everywhere).
         heads: "ssdlite" (separable convs, the paper's design) or "ssd" (regular 3x3 convs, paper Table 5's baseline).
         bn_eps: BatchNorm epsilon (1e-5 PyTorch, 1e-3 TF).
+        bn_momentum: every BatchNorm's momentum, the backbone's and the extra layers' and heads' (PyTorch's 0.1; a TF
+            batch-norm decay d is momentum 1 - d).
         class_prior: initial foreground probability of every class score (TF class_prediction_bias_init -4.6).
     """
 
     def __init__(self, *, num_classes: int = 80, width_mult: float = 1.0, image_size: int = 320,
-                 anchor_layout: str = "tf", heads: Heads = "ssdlite", bn_eps: float = 1e-5, class_prior: float = 0.01):
+                 anchor_layout: str = "tf", heads: Heads = "ssdlite", bn_eps: float = 1e-5, bn_momentum: float = 0.1,
+                 class_prior: float = 0.01):
         super().__init__()
         # Imported here: mnv2.detection builds on the models package, not the other way round.
         from ..detection.anchors import LAYOUTS, num_anchors_per_location
@@ -96,7 +99,7 @@ class SSDLite(nn.Module):
         self.num_classes, self.width_mult, self.image_size = num_classes, width_mult, image_size
         self.anchor_layout, self.heads = anchor_layout, heads
 
-        self.backbone = MobileNetV2(num_classes=0, width_mult=width_mult, bn_eps=bn_eps)
+        self.backbone = MobileNetV2(num_classes=0, width_mult=width_mult, bn_eps=bn_eps, bn_momentum=bn_momentum)
         taps = {t.name: t for t in self.backbone.feature_taps}
         maps = [taps[name] for name in BACKBONE_TAPS]
         extras = []
@@ -115,6 +118,9 @@ class SSDLite(nn.Module):
                                        for m, a in zip(maps, self.num_anchors_per_location))
         self.class_prior = class_prior
         self._init_new_layers(class_prior)
+        for m in self.modules():  # the backbone's are set already; momentum is training behaviour, not structure
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = bn_momentum
 
     def reset_classifier(self, num_classes: int) -> None:
         """New class predictors (the last conv of every class head) for `num_classes` object classes, initialised as

@@ -79,3 +79,24 @@ TABLE7 = {
 # The MF input scales (each also flipped left-right) and the model each Table 7 network is here (ResNet-101: none).
 TABLE7_MF_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 TABLE7_MODELS = {"MNet V1": "deeplabv3_mobilenet_v1", "MNet V2*": "deeplabv3_mobilenet_v2"}
+
+# Paper Table 1 (the bottleneck block), symbolically: (input, operator, output) with h, w, k, t, s, k'.
+TABLE1 = (
+    ("h x w x k", "1x1 conv2d, ReLU6", "h x w x tk"),
+    ("h x w x tk", "3x3 dwise s=s, ReLU6", "h/s x w/s x tk"),
+    ("h/s x w/s x tk", "linear 1x1 conv2d", "h/s x w/s x k'"),
+)
+# Paper Table 2 (the network at 224): (input, operator, t, c, n, s); None where the paper prints "-".
+TABLE2 = (
+    ("224x224x3", "conv2d", None, 32, 1, 2),
+    ("112x112x32", "bottleneck", 1, 16, 1, 1),
+    ("112x112x16", "bottleneck", 6, 24, 2, 2),
+    ("56x56x24", "bottleneck", 6, 32, 3, 2),
+    ("28x28x32", "bottleneck", 6, 64, 4, 2),
+    ("14x14x64", "bottleneck", 6, 96, 3, 1),
+    ("14x14x96", "bottleneck", 6, 160, 3, 2),
+    ("7x7x160", "bottleneck", 6, 320, 1, 1),
+    ("7x7x320", "conv2d 1x1", None, 1280, 1, 1),
+    ("7x7x1280", "avgpool 7x7", None, None, 1, None),
+    ("1x1x1280", "conv2d 1x1", None, "k", None, None),
+)
