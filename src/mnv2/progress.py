@@ -46,6 +46,7 @@ class PlainProgress:
         self.postfix: dict[str, object] = {}
         self.start = self.last = time.monotonic()
         self.closed = False
+        self.printed: int | None = None
 
     def __iter__(self):
         try:
@@ -67,11 +68,11 @@ class PlainProgress:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            if self.enabled:
+            if self.enabled and self.printed != self.n:  # the last update may have printed this very line
                 self._print(time.monotonic())
 
     def _print(self, now: float) -> None:
-        self.last = now
+        self.last, self.printed = now, self.n
         count = f"{self.n}/{self.total}" if self.total else f"{self.n}"
         extra = "".join(f", {key} {value}" for key, value in self.postfix.items())
         print(f"{self.desc}: {count} in {self.last - self.start:.0f} s{extra}", file=self.file, flush=True)

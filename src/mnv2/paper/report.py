@@ -13,6 +13,7 @@ import datetime
 import json
 import math
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -494,9 +495,17 @@ def _draw_figure5(grid: list[dict], ctx: Context, backend: str, path: Path) -> P
 def part_figure_6(ctx: Context) -> Section:
     from . import ablation
     s = Section("figure_6", "Figure 6: the ablations, re-run as small-scale proxies")
-    result = ablation.run(ctx.budget["ablation"], ctx.data, work_dir=ctx.out / "ablation",
-                          on_run=lambda label, seed: ctx.say(f"figure 6: {label}, seed {seed}"),
-                          **ctx.ablation_overrides)
+    # the proxy runs (checkpoints, data) are scratch: only their curves and numbers go into the report
+    with tempfile.TemporaryDirectory(prefix="mnv2-paper-") as work:
+        result = ablation.run(ctx.budget["ablation"], ctx.data, work_dir=Path(work),
+                              on_run=lambda label, seed: ctx.say(f"figure 6: {label}, seed {seed}"),
+                              **ctx.ablation_overrides)
+    for v in result["variants"].values():
+        v.pop("runs", None)
+    root = str(ctx.data) if ctx.data else "synthetic shapes written for the report"
+    result["settings"]["data_root"] = root
+    result["settings"]["overrides"] = [f"data.root={root}" if o.startswith("data.root=") else o
+                                       for o in result["settings"]["overrides"]]
     paths = ablation.draw(result, ctx.out)
     s.figures += [p.name for p in paths]
     st = result["settings"]
