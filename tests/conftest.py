@@ -55,3 +55,17 @@ def split_path(request, monkeypatch):
         pytest.skip(f"native kernels unavailable: {native.status()}")
     monkeypatch.setattr(sys.modules["mnv2.deploy.tsplit"], "_NATIVE", request.param == "native")
     return request.param
+
+
+# The demo recipe trained once per session (shared across xdist workers by a file lock): test_engine_trainer.py's
+# accuracy tests and test_deploy_quantize.py's int8 agreement gates use the same runs.
+@pytest.fixture(scope="session")
+def short_demo_run(tmp_path_factory):
+    from test_engine_trainer import demo_run
+    return demo_run(tmp_path_factory, "short")
+
+
+@pytest.fixture(scope="session")
+def full_demo_run(tmp_path_factory):
+    from test_engine_trainer import demo_run
+    return demo_run(tmp_path_factory, "full")

@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from deploy_helpers import PREPROCESS, exported_onnx, quantized_onnx, shapes_images
-from test_engine_trainer import DemoRun, demo_run
+from test_engine_trainer import DemoRun
 
 from mnv2.deploy.preprocess import Preprocess
 from mnv2.deploy.quantize import Agreement, CalibrationReader, quantize_int8, split_calibration, top1_agreement
@@ -84,16 +84,6 @@ def test_split_calibration_caps_the_held_out_images():
     assert calib_capped == calib and len(all_held_out) == 800
     assert len(held_out) == 500 and set(held_out) <= set(all_held_out)
     assert split_calibration(images, 200, heldout_images=5000)[1] == all_held_out  # a cap above the count: all
-
-
-@pytest.fixture(scope="session")
-def short_demo_run(tmp_path_factory) -> DemoRun:
-    return demo_run(tmp_path_factory, "short")
-
-
-@pytest.fixture(scope="session")
-def full_demo_run(tmp_path_factory) -> DemoRun:
-    return demo_run(tmp_path_factory, "full")
 
 
 def demo_int8_agreement(demo: DemoRun, out) -> Agreement:

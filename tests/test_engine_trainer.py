@@ -115,16 +115,6 @@ def demo_run(tmp_path_factory, which: str) -> DemoRun:
     return DemoRun(root, record["best"], record["metrics"])
 
 
-@pytest.fixture(scope="session")
-def short_demo_run(tmp_path_factory) -> DemoRun:
-    return demo_run(tmp_path_factory, "short")
-
-
-@pytest.fixture(scope="session")
-def full_demo_run(tmp_path_factory) -> DemoRun:
-    return demo_run(tmp_path_factory, "full")
-
-
 def test_short_demo_run_on_embedded_data_beats_chance(short_demo_run):
     """The main job's recipe cut to 30 of its 50 epochs, on the embedded shapes data (8 classes, chance 1/8), one
     thread: about 4 minutes (shared with the int8 agreement test). Measured 0.656 (2 threads) and 0.685 (1 thread)
