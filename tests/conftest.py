@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 import torch
@@ -10,6 +11,14 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test's torchrun rendezvous: fixed ports collide when two
+    distributed tests run at once under pytest-xdist."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def randomize_bn(model: torch.nn.Module) -> torch.nn.Module:

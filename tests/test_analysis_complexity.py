@@ -68,7 +68,7 @@ def test_per_layer_rows_sum_to_totals():
     assert sum(r.params for r in rows) == count_params(model)
     assert rows[0].name == "stem" and rows[0].output_shape == (1, 32, 112, 112)
     assert rows[-1].name == "classifier" and rows[-1].output_shape == (1, 1000)
-    dw = [r for r in rows if r.name == "blocks.13.dw"][0]
+    dw = next(r for r in rows if r.name == "blocks.13.dw")
     assert dw.output_shape == (1, 576, 7, 7) and "dw" in dw.kind and "/2" in dw.kind
 
 

@@ -12,7 +12,7 @@ from mnv2.cli.main import main
 
 def mnv2_subprocess(*args):
     return subprocess.run([sys.executable, "-m", "mnv2.cli.main", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
 
 
 def mnv2(capsys, *args):
@@ -47,7 +47,7 @@ def test_check_reports_classes_and_counts_per_split(synth, capsys):
 
 def test_check_lists_unreadable_files(synth, tmp_path, capsys):
     ds = shutil.copytree(synth, tmp_path / "ds")
-    bad = sorted((ds / "val" / "ring").glob("*.jpg"))[0]
+    bad = min((ds / "val" / "ring").glob("*.jpg"))
     bad.write_bytes(b"\xff\xd8\xff garbage")
     code, out, _ = mnv2(capsys, "data", "check", ds)
     assert code == 1

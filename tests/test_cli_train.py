@@ -14,7 +14,7 @@ ENV = {**os.environ, "MNV2_ALLOCATOR": "system"}  # skip the allocator re-exec: 
 
 def mnv2_train(*args, cwd=None):
     proc = subprocess.run([sys.executable, "-m", "mnv2.cli.main", "train", *args], capture_output=True, text=True,
-                          env=ENV, cwd=cwd, timeout=300)
+                          env=ENV, cwd=cwd, timeout=300, check=False)
     return proc.returncode, proc.stdout, proc.stderr
 
 

@@ -59,18 +59,28 @@ def test_detection_recipes_are_their_sources():
     tv = load_config(recipes_dir() / "coco_ssdlite_mnv2_tv.yaml")
     assert (tv.optim.name, tv.optim.lr, tv.schedule.name, tv.detection.loss) == ("sgd", 0.15, "cosine", "softmax")
     assert tv.model.kwargs["anchor_layout"] == "torchvision"
+    # BatchNorm as each source trains it, on every BN of the built detector: TF decay 0.9997 / eps 1e-3,
+    # torchvision momentum 0.03 / eps 1e-3
+    for cfg, expected in ((tf, (0.0003, 1e-3)), (tv, (0.03, 1e-3))):
+        assert bn_settings(cfg) == {expected}
+
+
+def bn_settings(cfg) -> set[tuple[float, float]]:
+    model = create_model(cfg.model.name, width_mult=0.35, num_classes=3, **cfg.model.kwargs)
+    return {(m.momentum, m.eps) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
 
 
 def test_voc_recipe_is_tf_deeplabs():
     """PAPER.md section 9: the on-device model (MNet V2*, OS 16, no ASPP) on train_aug, crop 513, random scale
     0.5-2.0, flip, poly schedule with power 0.9, weight decay 4e-5, a batch that trains BN (>= 12)."""
     cfg = load_config(recipes_dir() / "voc_deeplabv3_mnv2.yaml")
-    assert (cfg.task, cfg.model.name, cfg.model.kwargs) == (
-        "segmentation", "deeplabv3_mobilenet_v2", {"output_stride": 16, "aspp": False})
+    assert (cfg.task, cfg.model.name, cfg.model.kwargs["output_stride"], cfg.model.kwargs["aspp"]) == (
+        "segmentation", "deeplabv3_mobilenet_v2", 16, False)
     assert (cfg.data.train_split, cfg.data.val_split, cfg.data.resolution, cfg.data.rescale) == (
         "train_aug", "val", 513, (0.5, 2.0))
     assert (cfg.schedule.name, cfg.schedule.power, cfg.optim.weight_decay) == ("poly", 0.9, 4e-5)
     assert cfg.train.batch_size >= 12 and cfg.model.dropout == 0.1
+    assert bn_settings(cfg) == {(0.003, 1e-3)}  # TF-Slim's backbone BN (decay 0.997), on the head too
 
 
 def test_paper_recipe_is_the_paper_s():

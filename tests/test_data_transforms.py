@@ -3,9 +3,9 @@
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 
 from mnv2.data import eval_preset, mixup_cutmix, train_preset
-from mnv2.data.transforms import MixCollate
 
 RESOLUTIONS = [32, 63, 96, 97, 161, 224]
 
@@ -61,13 +61,11 @@ def test_mixup_cutmix_soft_targets():
     assert mixup_cutmix(10, mixup_alpha=0.0, cutmix_alpha=0.0) is None
     batch = [(torch.rand(3, 16, 16), i % 4) for i in range(8)]
     for mixup, cutmix in ((0.2, 1.0), (0.2, 0.0), (0.0, 1.0)):
-        collate = mixup_cutmix(4, mixup_alpha=mixup, cutmix_alpha=cutmix)
-        assert isinstance(collate, MixCollate)
-        x, y = collate(batch)
+        x, y = mixup_cutmix(4, mixup_alpha=mixup, cutmix_alpha=cutmix)(*default_collate(batch))
         assert x.shape == (8, 3, 16, 16) and y.shape == (8, 4)
         assert torch.allclose(y.sum(dim=1), torch.ones(8))
         assert (y > 0).sum(dim=1).max() <= 2  # each row mixes at most two classes
     torch.manual_seed(1)
-    x, y = mixup_cutmix(4, mixup_alpha=0.2, cutmix_alpha=0.0)(batch)
+    x, y = mixup_cutmix(4, mixup_alpha=0.2, cutmix_alpha=0.0)(*default_collate(batch))
     lam = y.max(dim=1).values
     assert (lam < 1).any()  # some samples actually mixed

@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from conftest import free_port
 from test_engine_trainer import colour_folder
 
 from mnv2.engine.checkpoint import load_checkpoint
@@ -31,11 +32,11 @@ def run(tmp_path, data, name, nproc, batch):
             "--set", "optim.weight_decay=4e-5", "--set", "schedule.name=constant", "--set", "train.label_smoothing=0.0"]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               "29731", *args]
+               str(free_port()), *args]
     else:
         cmd = [sys.executable, *args]
     env = {**os.environ, "MNV2_ALLOCATOR": "system"}  # no allocator re-exec: fewer process start-ups
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return load_checkpoint(tmp_path / name / "last.pt")
 
@@ -72,7 +73,8 @@ def test_two_process_detection_gathers_every_rank_s_detections(tmp_path):
             "--width", "0.35", "--resolution", "64", "--epochs", "2", "--batch-size", "3", "--workers", "0",
             "--no-progress", "--set", "train.threads=1", "--set", "train.amp=fp32", "--set", "data.photometric=false"]
     env = {**os.environ, "MNV2_ALLOCATOR": "system"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29732", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     state = load_checkpoint(tmp_path / "run" / "last.pt")
@@ -90,9 +92,9 @@ def test_two_process_detection_gathers_every_rank_s_detections(tmp_path):
     assert single["images"] == 3 and single["AP"] == pytest.approx(best["metrics"]["AP"], abs=0.01)
 
 
-def torchrun(tmp_path, port, *args, cwd=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m",
-           "mnv2.cli.main", "train", "--out", str(tmp_path / "run"), "--width", "0.35", "--resolution", "32",
+def torchrun(tmp_path, *args, cwd=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "mnv2.cli.main", "train", "--out", str(tmp_path / "run"), "--width", "0.35", "--resolution", "32",
            "--epochs", "1", "--batch-size", "2", "--workers", "0", "--no-progress", "--set", "train.threads=1",
            "--set", "train.amp=fp32", *args]
     env = {**os.environ, "MNV2_ALLOCATOR": "system", "MNV2_DIST_TIMEOUT": "120"}
@@ -114,7 +116,7 @@ def test_a_bad_image_on_one_rank_stops_both_with_its_error_once(tmp_path):
            "--width", "0.35", "--resolution", "32", "--epochs", "1", "--batch-size", "2", "--workers", "0",
            "--no-progress", "--set", "train.threads=1", "--set", "train.amp=fp32"]
     base = {**os.environ, "MNV2_ALLOCATOR": "system", "MNV2_DIST_TIMEOUT": "120", "WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29733", "OMP_NUM_THREADS": "1"}
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
     ranks = [subprocess.Popen(cmd, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     start = time.monotonic()
@@ -133,14 +135,14 @@ def test_skipped_images_are_reported_from_every_rank(tmp_path):
     data = colour_folder(tmp_path / "data", n_train=8, n_val=2)
     bad = ["0.png", "1.png", "2.png", "3.png", "4.png", "5.png"]  # 6 of 24 training images: both ranks meet some
     corrupt(data, bad)
-    proc = torchrun(tmp_path, 29734, "--data", str(data), "--on-bad-image", "skip")
+    proc = torchrun(tmp_path, "--data", str(data), "--on-bad-image", "skip")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "train: 6 unreadable images skipped" in proc.stdout, proc.stdout[-2000:]
 
 
 def test_the_embedded_data_is_prepared_by_one_rank(tmp_path):
     """Without --data both ranks need ./data/shapes: local rank 0 writes it while the other waits, then both train."""
-    proc = torchrun(tmp_path, 29735, "--set", "train.max_steps=1", cwd=tmp_path)
+    proc = torchrun(tmp_path, "--set", "train.max_steps=1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("data: the embedded shapes dataset") == 1
     assert (tmp_path / "run" / "last.pt").is_file() and (tmp_path / "data" / "shapes" / "classify").is_dir()

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 from PIL import Image
 
 from mnv2.data.synthetic import voc_colormap
@@ -144,7 +145,8 @@ def test_two_process_segmentation_sums_the_ranks_confusion(tmp_path):
     args = ["-m", "mnv2.cli.main", "train", "--task", "segmentation", "--data", str(root), "--out",
             str(tmp_path / "run"), "--width", "0.35", "--resolution", "64", "--epochs", "2", "--batch-size", "2",
             "--workers", "0", "--no-progress", "--set", "train.threads=1", "--set", "train.amp=fp32"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29733", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     best = json.loads((tmp_path / "run" / "best.json").read_text())

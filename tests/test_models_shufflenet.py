@@ -49,3 +49,17 @@ def test_shufflenet_2x_close_to_paper_table4():
     # 5,450,776 parameters: the paper's "5.4M" (see docs/memory.md); 524.0M multiply-adds.
     assert abs(count_params(model) / 1e6 - paper_params_m) < 0.06
     assert abs(count_madds(model, 224) / 1e6 - paper_madds_m) / paper_madds_m < 0.002
+
+
+def test_shufflenet_stem_as_the_authors_release_and_1_5x_at_paper_table4():
+    """The release keeps the stem at 24 for 1.5x (16 for 0.5x, g = 8); 1.5x then has Table 4's 292M multiply-adds."""
+    from mnv2.models.shufflenet import stem_channels
+
+    assert [stem_channels(w, 3) for w in (0.5, 1.0, 1.5, 2.0)] == [12, 24, 24, 48]
+    assert [stem_channels(w, 8) for w in (0.5, 1.0, 1.5, 2.0)] == [16, 24, 24, 48]
+    model = ShuffleNetV1(groups=3, width_mult=1.5)
+    assert model.stem.conv.out_channels == 24
+    assert count_params(model) == _hand_params(3, 24, (360, 720, 1440))
+    _, paper_params_m, paper_madds_m, _ = reference.TABLE4["ShuffleNet (1.5)"]
+    assert abs(count_madds(model, 224) / 1e6 - paper_madds_m) / paper_madds_m < 0.002
+    assert abs(count_params(model) / 1e6 - paper_params_m) < 0.06

@@ -2,7 +2,6 @@
 parts stated in their cells, --runs read into the right cells, bad input one line before any work."""
 
 import json
-import re
 
 import pytest
 import torch
@@ -65,7 +64,7 @@ def _tables(markdown: str) -> list[list[list[str]]]:
 def test_every_table_and_figure_is_written_with_the_papers_column_beside_ours(tiny_report):
     out, data, text = tiny_report
     assert set(data["sections"]) == set(report.PARTS)
-    for key, (label, _) in report.PARTS.items():
+    for key in report.PARTS:
         assert f"## {data['sections'][key]['title']}" in text
     for name in ("fig1.png", "fig1_measure.png", "fig5.png", "fig6a.png", "fig6b.png"):
         assert (out / name).stat().st_size > 5000, name
@@ -97,7 +96,7 @@ def test_runs_fill_their_own_cells_and_missing_ones_say_so(tiny_report, finished
     (run,) = data["meta"]["runs"]
     assert run["task"] == "classification" and run["width"] == 0.35 and run["resolution"] == 96
     value = f"{run['value'] * 100:.1f} on {run['data']} ({finished_run.name})"
-    grid = [t for t in _tables(text) if t[0][:2] == ["width", "res"]][0]
+    grid = next(t for t in _tables(text) if t[0][:2] == ["width", "res"])
     cells = {(r[0], r[1]): r[3] for r in grid[1:]}
     assert cells[("0.35", "96")] == value
     assert all(c == report.MISSING_RUN for k, c in cells.items() if k != ("0.35", "96"))

@@ -39,7 +39,9 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..data import build_classification_loader
     from ..data.transforms import eval_preset_for
-    from ..eval.classification import evaluate
+    from ..engine.config import Config
+    from ..engine.tasks import evaluate
+    from ..engine.tasks.classification import ClassificationTask
     from ..weights import load_model, read_config
 
     files = _weights_files(args)
@@ -68,7 +70,9 @@ def run(args) -> int:
         loader = build_classification_loader(data, args.split, transform, args.batch_size, shuffle=False,
                                              num_workers=args.workers)
         _check_classes(path, meta, loader.dataset.classes, model)
-        results[label] = {"weights": str(path), **evaluate(model, loader, device, progress=not args.json)}
+        task = ClassificationTask(Config(), data)  # the evaluation loop and metrics `mnv2 train` uses
+        metrics, _ = evaluate(task, model.to(device), loader, device, progress=not args.json)
+        results[label] = {"weights": str(path), **metrics}
     if args.json:
         print(json.dumps({"data": str(data), "split": args.split, "results": results}, indent=2))
         return 0

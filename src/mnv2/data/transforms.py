@@ -12,7 +12,6 @@ cover the torchvision "V2" recipe as well (TrivialAugment, random erasing 0.1, M
 from __future__ import annotations
 
 import torch
-from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -89,19 +88,10 @@ def eval_preset_for(record: dict) -> v2.Compose:
     return eval_preset(resolution, crop_fraction=float(record.get("crop_fraction", 0.875)), **options)
 
 
-class MixCollate:
-    """Collate a list of (image, label) samples, then apply MixUp or CutMix (one chosen at random per batch).
-    Labels come out as soft targets of shape [N, num_classes]. A class (not a closure) so workers can pickle it."""
-
-    def __init__(self, mix):
-        self.mix = mix
-
-    def __call__(self, batch):
-        return self.mix(*default_collate(batch))
-
-
-def mixup_cutmix(num_classes: int, mixup_alpha: float = 0.2, cutmix_alpha: float = 1.0) -> MixCollate | None:
-    """A DataLoader `collate_fn` doing MixUp (Beta(alpha, alpha) blend) and/or CutMix; None when both alphas are 0."""
+def mixup_cutmix(num_classes: int, mixup_alpha: float = 0.2, cutmix_alpha: float = 1.0):
+    """MixUp (Beta(alpha, alpha) blend) and/or CutMix, one chosen at random per batch, as a transform of a collated
+    batch `(images, labels) -> (images, soft labels [N, num_classes])`; None when both alphas are 0. The trainer
+    applies it in the main process, so a resumed run draws the same mixes."""
     choices = []
     if mixup_alpha > 0:
         choices.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
@@ -109,4 +99,4 @@ def mixup_cutmix(num_classes: int, mixup_alpha: float = 0.2, cutmix_alpha: float
         choices.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
     if not choices:
         return None
-    return MixCollate(choices[0] if len(choices) == 1 else v2.RandomChoice(choices))
+    return choices[0] if len(choices) == 1 else v2.RandomChoice(choices)

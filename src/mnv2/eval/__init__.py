@@ -1,5 +1,5 @@
 """Evaluation metrics per task."""
 
-from .classification import classification_stats, evaluate, summarize_classification
+from .classification import classification_stats, summarize_classification
 
-__all__ = ["classification_stats", "evaluate", "summarize_classification"]
+__all__ = ["classification_stats", "summarize_classification"]

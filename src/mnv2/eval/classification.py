@@ -28,21 +28,3 @@ def summarize_classification(stats: torch.Tensor) -> dict[str, float]:
         return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "images": 0}
     return {"loss": loss_sum / count, "top1": top1 / count, "top5": top5 / count, "images": int(count)}
 
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device | str = "cpu", channels_last: bool = True,
-             autocast_dtype: torch.dtype | None = None, progress: bool = False) -> dict[str, float]:
-    """Top-1 / top-5 / loss of `model` over every batch `(images, labels)` of `loader`."""
-    from ..progress import progress_bar
-
-    device = torch.device(device)
-    model.eval().to(device)
-    stats = torch.zeros(len(STATS), dtype=torch.float64)
-    for images, labels in progress_bar(loader, desc="eval", enabled=progress):
-        images = images.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(images)
-        stats += classification_stats(logits.float(), labels.to(device)).cpu()
-    return summarize_classification(stats)

@@ -22,6 +22,17 @@ STAGE_REPEATS = (4, 8, 4)  # units per stage; the first of each has stride 2
 STEM_CHANNELS = 24
 
 
+def stem_channels(width_mult: float, groups: int) -> int:
+    """The stem's width as the authors' release builds it: 24 scaled by the width, except at 1.5x, where it stays 24
+    (not 36: with it ShuffleNet 1.5x counts the 292M multiply-adds of the MobileNetV2 paper's Table 4), and at 0.5x
+    with g = 8, where it is 16 (not 12)."""
+    if width_mult == 1.5:
+        return STEM_CHANNELS
+    if width_mult == 0.5 and groups == 8:
+        return 16
+    return int(STEM_CHANNELS * width_mult)
+
+
 class ConvBNReLU(ConvBNAct):
     """A ConvBNAct with ReLU (ShuffleNet's activation) in place of ReLU6, or linear when act=False."""
 
@@ -64,7 +75,7 @@ class ShuffleNetV1(Classifier):
         if groups not in STAGE_CHANNELS:
             raise ValueError(f"groups must be one of {sorted(STAGE_CHANNELS)}, got {groups}")
         self.groups, self.width_mult, self.num_classes = groups, width_mult, num_classes
-        stem_ch = int(STEM_CHANNELS * width_mult)
+        stem_ch = stem_channels(width_mult, groups)
         self.stem = ConvBNReLU(3, stem_ch, 3, stride=2)
         self.stem_pool = nn.MaxPool2d(3, 2, 1)
         units, in_ch = [], stem_ch

@@ -230,8 +230,6 @@ TABLE4_WHY = {
                                "(the TF-Slim release's count)",
     ("MobileNetV2 (1.4)", "params"): "the paper's 6.9M disagrees with TF-Slim's release of the same model (6.06M "
                                      "without BN, = ours without BN; 6.11M with BN)",
-    ("ShuffleNet (1.5)", "madds"): "our 1.5x scales the stem to 36 channels; ShuffleNet's own table keeps 24 at "
-                                   "every width, which gives 292.4M by hand (stem 8.1M, first 1x1 6.8M)",
 }
 
 

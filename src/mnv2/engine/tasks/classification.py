@@ -44,8 +44,8 @@ class ClassificationTask:
             raise UserError(f"{self.root}: {d.val_split}/ has classes {list(val.classes)[:5]}... but "
                             f"{d.train_split}/ has {list(train.classes)[:5]}...; they must match")
         self.class_names = list(train.classes)
-        mix = transforms.mixup_cutmix(len(self.class_names), d.mixup_alpha, d.cutmix_alpha)
-        self.mix = mix.mix if mix is not None else None  # applied to the batch in the main process (resumable)
+        # applied to the batch in the main process (resumable)
+        self.mix = transforms.mixup_cutmix(len(self.class_names), d.mixup_alpha, d.cutmix_alpha)
         return train, val
 
     def eval_transform(self):
