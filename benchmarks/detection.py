@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 from mnv2.atomic import atomic_write_text
-from mnv2.bench.detection import DEPLOY_THRESHOLD, NMS_BOXES, measure
+from mnv2.bench.detection import DEPLOY_THRESHOLD, NMS_BOXES, TORCH_NMS, measure
 from mnv2.bench.latency import BASELINE
 from mnv2.bench.report import cpu_name, replace_section
 
 HEADING = "## Detection inference"
 ROOT = Path(__file__).resolve().parent.parent
-FP32 = ("torch", "torch-fast", "onnxruntime", "openvino")
-INT8 = ("onnxruntime-int8", "openvino-int8")
+FP32 = ("torch", "torch-fast", "onnxruntime", "openvino", f"onnxruntime{TORCH_NMS}", f"openvino{TORCH_NMS}")
+INT8 = ("onnxruntime-int8", "openvino-int8", f"onnxruntime-int8{TORCH_NMS}", f"openvino-int8{TORCH_NMS}")
 TARGETS = {"fp32": 3.0, "int8": 6.0}  # end-to-end speed-up over torchvision's SSDLite aimed for
 
 
@@ -100,9 +100,12 @@ def render(results: list[dict], args) -> str:
              "config's 1e-8. The network rows time our fp32 networks alone on the preprocessed image; the compute "
              "floor is the network's FLOPs (2 x MAdds) over the best fp32 matrix-multiply rate measured in the "
              "same run (torch.mm's or onnxruntime's MatMul, `mnv2.bench.floor`: MKL's torch.mm reaches about half "
-             "of MLAS's rate on this CPU, and a floor from it alone was twice too high). The stage rows time what surrounds the network, alone: DetectionPredictor's preprocessing, and "
-             "the torch backends' decode + per-class NMS (`select_detections` on the heads; the ONNX backends run "
-             "it inside their graph). Timings on a shared machine are noisy: compare rows of one run, not runs."), ""]
+             "of MLAS's rate on this CPU, and a floor from it alone was twice too high). The stage rows time what "
+             "surrounds the network, alone: DetectionPredictor's preprocessing, and the torch backends' decode + "
+             "per-class NMS (`select_detections` on the heads). The ONNX backends run that function inside their "
+             "graph, or, in the rows marked 'NMS in torch', run the network alone and leave it to PyTorch "
+             "(`DetectionPredictor.from_model(..., nms_in_graph=False)`). Timings on a shared machine are noisy: "
+             "compare rows of one run, not runs."), ""]
     if args.note:
         lines += [f"**Note.** {args.note}", ""]
     for r in results:

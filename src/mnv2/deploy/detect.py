@@ -46,20 +46,23 @@ class DetectionPredictor(Predictor):
     @classmethod
     def from_model(cls, model: nn.Module, config: dict, backend: str | None = None, threads: int | None = None,
                    batch_size: int = 8, calib_images: list | None = None,
-                   graph: Callable[[], bytes] | None = None) -> DetectionPredictor:
+                   graph: Callable[[bool], bytes] | None = None, nms_in_graph: bool = True) -> DetectionPredictor:
         """A predictor for a detector and its config (as stored with its weights); default backend torch-fast.
 
         The ONNX backends run the graph `mnv2 export` writes, at a static batch of one image: the dynamo exporter
-        takes three times as long over a dynamic batch of SSDLite, and a static graph is the faster one to run."""
+        takes three times as long over a dynamic batch of SSDLite, and a static graph is the faster one to run.
+        With nms_in_graph=False they run the network alone and the post-processing runs here, in PyTorch, as on the
+        torch backends (the same function; its per-class NMS native when the extension is built)."""
         name = backend or "torch-fast"
         spec = DetectorSpec.from_config(config, model.num_classes)
         calibration = None
         if calib_images:
             from .quantize import CalibrationReader
             calibration = lambda: CalibrationReader.from_images(calib_images, spec.preprocess)
-        # `graph`: the serialised batch-1 graph, for callers that build several ONNX backends from one export
-        graph = graph or (lambda: detection_onnx(model, config, spec, dynamic_batch=False).SerializeToString())
-        runner = build_backend(name, model, spec.resolution, threads, calibration, graph)
+        # `graph(raw)`: the serialised batch-1 graph, for callers that build several ONNX backends from one export
+        graph = graph or (lambda raw: detection_onnx(model, config, spec, dynamic_batch=False,
+                                                     raw=raw).SerializeToString())
+        runner = build_backend(name, model, spec.resolution, threads, calibration, lambda: graph(not nms_in_graph))
         static = name not in ("torch", "torch-fast", "torch-compile")
         return cls(runner, name, spec, batch_size, fixed_batch=1 if static else None)
 
