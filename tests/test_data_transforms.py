@@ -69,3 +69,29 @@ def test_mixup_cutmix_soft_targets():
     x, y = mixup_cutmix(4, mixup_alpha=0.2, cutmix_alpha=0.0)(*default_collate(batch))
     lam = y.max(dim=1).values
     assert (lam < 1).any()  # some samples actually mixed
+
+
+def test_presets_make_the_image_contiguous_without_changing_a_value():
+    # A PIL image becomes a (C, H, W) view of (H, W, C) memory; the presets copy it to contiguous before the float
+    # steps (ContiguousImage), which must not change the result nor the tv_tensor types of image, mask and boxes.
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    from mnv2.data.detection_transforms import detection_eval_preset
+    from mnv2.data.segmentation_transforms import segmentation_eval_preset
+    from mnv2.data.transforms import ContiguousImage
+
+    hwc = torch.randint(0, 256, (41, 57, 3), dtype=torch.uint8)
+    strided, packed = hwc.permute(2, 0, 1), hwc.permute(2, 0, 1).contiguous()
+    assert not strided.is_contiguous()
+    for preset in (eval_preset(32), detection_eval_preset(32), segmentation_eval_preset()):
+        out = preset(tv_tensors.Image(strided))
+        assert out.is_contiguous()
+        assert torch.equal(out, preset(tv_tensors.Image(packed)))
+    mask = tv_tensors.Mask(torch.zeros(57, 41, dtype=torch.uint8).t())
+    boxes = tv_tensors.BoundingBoxes(torch.tensor([[1.0, 2.0, 9.0, 9.0]]), format="XYXY", canvas_size=(41, 57))
+    image, mask_out, boxes_out = ContiguousImage()(tv_tensors.Image(strided), mask, boxes)
+    assert type(image) is tv_tensors.Image and type(mask_out) is tv_tensors.Mask
+    assert type(boxes_out) is tv_tensors.BoundingBoxes and boxes_out.canvas_size == (41, 57)
+    assert image.is_contiguous() and mask_out.is_contiguous() and torch.equal(image, strided)
+    assert isinstance(v2.Compose([ContiguousImage()])(strided), torch.Tensor)

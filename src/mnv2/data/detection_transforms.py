@@ -20,7 +20,7 @@ from torchvision.ops import box_iou
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, to_float_steps
 
 
 def _labels_and_crowd(sample):
@@ -86,8 +86,6 @@ class RandomIoUCrop(v2.RandomIoUCrop):
                         "is_within_crop_area": inside[t]}
 
 
-def _normalize(mean, std) -> list:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
 
 
 def detection_train_preset(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, hflip: float = 0.5,
@@ -108,13 +106,13 @@ def detection_train_preset(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, hfli
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(hflip))
     steps += [v2.Resize((size, size), antialias=True), v2.SanitizeBoundingBoxes(labels_getter=_labels_and_crowd),
-              *_normalize(mean, std)]
+              *to_float_steps(mean, std)]
     return v2.Compose(steps)
 
 
 def detection_eval_preset(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
     """The whole image resized to `size` x `size` (as in training), normalised. Deterministic."""
-    return v2.Compose([v2.Resize((size, size), antialias=True), *_normalize(mean, std)])
+    return v2.Compose([v2.Resize((size, size), antialias=True), *to_float_steps(mean, std)])
 
 
 def detection_collate(batch):

@@ -22,7 +22,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, to_float_steps
 
 IGNORE_INDEX = 255  # VOC's "void": object boundaries and unlabelled regions, excluded from loss and metric
 
@@ -63,8 +63,7 @@ def _pair(size) -> tuple[int, int]:
 
 def _to_float_normalized(mean, std) -> list:
     # The image to float in 0..1 then normalised; the mask to the int64 class indices the loss takes.
-    return [v2.ToDtype({tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True),
-            v2.Normalize(list(mean), list(std))]
+    return to_float_steps(mean, std, {tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None})
 
 
 def segmentation_train_preset(crop_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, scale=(0.5, 2.0), hflip: bool = True,

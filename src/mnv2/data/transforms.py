@@ -12,6 +12,7 @@ cover the torchvision "V2" recipe as well (TrivialAugment, random erasing 0.1, M
 from __future__ import annotations
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,8 +28,26 @@ def _interp(name: str) -> v2.InterpolationMode:
         raise ValueError(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, got {name!r}") from None
 
 
+class ContiguousImage(v2.Transform):
+    """Tensors (the image, a mask) laid out contiguously in memory; their values unchanged.
+
+    A PIL image becomes a tensor that is a (C, H, W) view of (H, W, C) memory, and resizing keeps that layout. The
+    float conversion and normalisation after it ran ~4x slower on it here (0.55 vs 0.14 ms at 320 x 320, one thread)
+    than on the contiguous copy, which costs a few microseconds of uint8 copying: so every preset copies first."""
+
+    _transformed_types = (torch.Tensor,)  # tv_tensors of every kind, and a plain tensor image (v2's rules)
+
+    def transform(self, inpt, params):
+        return inpt if inpt.is_contiguous() else tv_tensors.wrap(inpt.contiguous(), like=inpt)
+
+
+def to_float_steps(mean, std, dtype=torch.float32) -> list:
+    """The last steps of every preset: contiguous, to float in 0..1 (masks: `dtype` may map them), normalised."""
+    return [ContiguousImage(), v2.ToDtype(dtype, scale=True), v2.Normalize(list(mean), list(std))]
+
+
 def _to_normalized(mean, std) -> list:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return [v2.ToImage(), *to_float_steps(mean, std)]
 
 
 def train_preset(resolution: int, *, scale=(0.08, 1.0), hflip: float = 0.5, color_jitter: float = 0.0,

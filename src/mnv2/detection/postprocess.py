@@ -63,11 +63,15 @@ def select_detections(cls_logits: Tensor, box_deltas: Tensor, anchors_cxcywh: Te
     boxes = clip_boxes_to_image(box_coder.decode(box_deltas, anchors), (1, 1))
     # Each class's best k anchors; candidate slot c * k + rank holds class c + 1's rank-th anchor.
     k = min(candidates_per_class, num_anchors)
-    # (top-k along the contiguous last axis: ONNX Runtime's TopK over a strided axis took 1.8 ms of 2.8 here)
+    # Scores at or below the threshold can never be detections: zeroing them first leaves the result as it is and
+    # makes the top-k cheap where most are (a deployment threshold): ONNX Runtime's TopK took 1.9 ms on the bench's
+    # [80, 2034] scores and 0.34 ms with all but its ~1,000 candidates zero. (Along the contiguous last axis: over a
+    # strided axis it took 1.8 ms of 2.8 here.)
+    scores = torch.where(scores > score_threshold, scores, 0.0)
     top_scores, top_anchors = scores.transpose(1, 2).contiguous().topk(k, dim=2)  # [N, C, k]
     top_scores = top_scores.reshape(batch, num_classes * k)
     top_anchors = top_anchors.reshape(batch, num_classes * k)
-    candidates = boxes.gather(1, top_anchors.unsqueeze(-1).expand(-1, -1, 4))  # [N, C * k, 4]
+    candidates = _rows(boxes, top_anchors)  # [N, C * k, 4]
     keep = nms_rows(candidates.reshape(-1, k, 4), top_scores.reshape(-1, k), iou_threshold, score_threshold)
     keep = keep.reshape(batch, num_classes * k) & (top_scores > score_threshold)
     ranked = torch.where(keep, top_scores, -1.0)  # scores are >= 0: -1 marks a slot NMS or the threshold removed
@@ -76,9 +80,17 @@ def select_detections(cls_logits: Tensor, box_deltas: Tensor, anchors_cxcywh: Te
     best, slot = ranked.topk(max_detections, dim=1)
     valid = best >= 0
     slot = torch.where(valid, slot, 0)
-    out_boxes = candidates.gather(1, slot.unsqueeze(-1).expand(-1, -1, 4)) * valid.unsqueeze(-1)
+    out_boxes = _rows(candidates, slot) * valid.unsqueeze(-1)
     labels = torch.where(valid, slot // k + 1, 0)
     return out_boxes, torch.where(valid, best, 0.0), labels, valid.sum(dim=1)
+
+
+def _rows(t: Tensor, index: Tensor) -> Tensor:
+    """t [N, M, D], index [N, K] -> [N, K, D]: row index[i, j] of t[i]. One Gather of whole rows on the flattened
+    batch (a gather with the index expanded over D cost ONNX Runtime ~0.3 ms more on 8,000 boxes)."""
+    n, m, d = t.shape
+    offsets = torch.arange(n, device=index.device).unsqueeze(1) * m
+    return t.reshape(n * m, d).index_select(0, (index + offsets).reshape(-1)).reshape(n, -1, d)
 
 
 def per_image(boxes: Tensor, scores: Tensor, labels: Tensor, count: Tensor, image_sizes: list[tuple[int, int]]
