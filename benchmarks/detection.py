@@ -64,7 +64,7 @@ def targets(r: dict) -> list[str]:
             speed, name = max(got)
             met = "met" if speed >= TARGETS[kind] else "NOT met"
             lines.append(f"- {kind} end to end: {speed:.2f}x torchvision ({name}; target >= {TARGETS[kind]:g}x: {met})")
-    nets = [row for row in r["rows"] if row["kind"] == "network"]
+    nets = [row for row in r["rows"] if row["kind"] == "network" and row["floor_fraction"] is not None]
     if nets:
         best = min(nets, key=lambda row: row["median_ms"])
         lines.append(f"- fastest fp32 network ({best['backend'].removesuffix(' (network)')}): {best['median_ms']:.2f} ms "
@@ -97,8 +97,9 @@ def render(results: list[dict], args) -> str:
              "scenes, class heads scaled to a logit spread of 2 across anchors, and one bias shift of the "
              "foreground logits found so that the same number of boxes enters NMS on the bench image "
              "(`mnv2.bench.detection` docstring); our score threshold is a deployment one, not the evaluation "
-             "config's 1e-8. The network rows time our fp32 networks alone on the preprocessed image; the compute "
-             "floor is the network's FLOPs (2 x MAdds) over the best fp32 matrix-multiply rate measured in the "
+             "config's 1e-8. The network rows time our networks alone on the preprocessed image (int8: the "
+             "quantised network of the int8 graph); the compute floor, for the fp32 ones, is the network's FLOPs "
+             "(2 x MAdds) over the best fp32 matrix-multiply rate measured in the "
              "same run (torch.mm's or onnxruntime's MatMul, `mnv2.bench.floor`: MKL's torch.mm reaches about half "
              "of MLAS's rate on this CPU, and a floor from it alone was twice too high). The stage rows time what "
              "surrounds the network, alone: DetectionPredictor's preprocessing, and the torch backends' decode + "
@@ -127,11 +128,12 @@ def render(results: list[dict], args) -> str:
                              f"{row['speedup']:.2f}x | {row['detections']} |")
         nets = [row for row in r["rows"] if row["kind"] == "network"]
         if nets:
-            lines += ["", "| network alone (fp32) | median ms | p90 ms | compute floor ms | floor / median |",
+            lines += ["", "| network alone | median ms | p90 ms | fp32 compute floor ms | floor / median |",
                       "|---|---:|---:|---:|---:|"]
             for row in nets:
+                share = "-" if row["floor_fraction"] is None else f"{100 * row['floor_fraction']:.0f}%"
                 lines.append(f"| {row['backend'].removesuffix(' (network)')} | {row['median_ms']:.2f} | "
-                             f"{row['p90_ms']:.2f} | {r['floor_ms']:.2f} | {100 * row['floor_fraction']:.0f}% |")
+                             f"{row['p90_ms']:.2f} | {r['floor_ms']:.2f} | {share} |")
         stages = [row for row in r["rows"] if row["kind"] == "stage"]
         if stages:
             lines += ["", "| stage alone | median ms | p90 ms |", "|---|---:|---:|"]

@@ -89,11 +89,11 @@ def _check_runners(detector, scenes, backends):
     x = _x(config, image)
     runners = D.build_runners(model, config, backends, 1, calib, x.numpy())
     outside = [f"{b}{D.TORCH_NMS}" for b in backends if not b.startswith("torch")]
-    assert sorted(runners) == sorted(backends + outside + [f"{b} (network)" for b in backends
-                                                           if b in D.FP32_BACKENDS] + list(D.STAGES))
+    networks = [b for b in backends if b in D.FP32_BACKENDS or b.endswith("-int8")]
+    assert sorted(runners) == sorted(backends + outside + [f"{b} (network)" for b in networks] + list(D.STAGES))
     expected = DetectionPredictor.from_model(model, config, backend="torch").predict_images([image])[0]
     assert len(expected) >= 5  # something to compare
-    for name in backends + outside:  # NMS in the graph or in PyTorch: the same detections
+    for name in [b for b in backends + outside if "int8" not in b]:  # NMS in the graph or in torch: same detections
         got = runners[name](image)[0]
         assert [d.label for d in got] == [d.label for d in expected], name
         assert np.abs(np.subtract([d.box for d in got], [d.box for d in expected])).max() < 0.05, name  # pixels
@@ -102,11 +102,14 @@ def _check_runners(detector, scenes, backends):
     assert int(runners[D.STAGES[1]](image)[3][0]) == len(expected)  # decode + NMS alone: the same detections
     with torch.inference_mode():
         heads = [h.numpy() for h in model(x)]
-    for name in backends:
+    for name in networks:
+        got = runners[f"{name} (network)"](image)
+        assert [o.shape for o in got] == [h.shape for h in heads]
         if name in D.FP32_BACKENDS:
-            got = runners[f"{name} (network)"](image)
-            assert [o.shape for o in got] == [h.shape for h in heads]
             assert np.abs(got[0] - heads[0]).max() < 1e-3 * max(1.0, np.abs(heads[0]).max())
+        else:  # the int8 network is this model quantised: its class logits follow the fp32 ones (correlation 0.81
+            # measured for this random width-0.35 model calibrated on 4 scenes; another network's would be ~0)
+            assert np.corrcoef(got[0].ravel(), heads[0].ravel())[0, 1] > 0.5, name
 
 
 def test_torch_runners_detect_what_detection_predictor_detects(detector, scenes):
@@ -117,7 +120,8 @@ def test_torch_runners_detect_what_detection_predictor_detects(detector, scenes)
 @pytest.mark.skipif(not is_installed("onnxruntime"), reason="onnxruntime not installed")
 def test_onnx_runners_detect_what_detection_predictor_detects(detector, scenes):
     # one export of the graph with NMS inside, another of the network alone (raw)
-    _check_runners(detector, scenes, ["onnxruntime"] + (["openvino"] if is_installed("openvino") else []))
+    _check_runners(detector, scenes, ["onnxruntime", "onnxruntime-int8"]
+                   + (["openvino"] if is_installed("openvino") else []))
 
 
 def test_time_runners_on_a_given_input_without_throughput():

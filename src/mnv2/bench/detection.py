@@ -4,10 +4,10 @@ same process, on the same image, with the same thread count, the runners taking 
 End to end means what a caller waits for: a 640x480 uint8 image in, boxes in its pixels out. Ours is
 `DetectionPredictor.predict_images` (resize to the square input + normalise, the network, decode + per-class NMS +
 the best 100, scaled back to the image); torchvision's is its model in eval mode (GeneralizedRCNNTransform, the
-network, its postprocess_detections with batched NMS, scaled back). The network alone of our fp32 backends is timed
-in the same rounds and set against the machine's compute floor (its best fp32 matrix-multiply rate, measured in the
-same run: `mnv2.bench.floor`), and so are the stages around it (`STAGES`: the preprocessing, and decode + NMS on the
-torch backends).
+network, its postprocess_detections with batched NMS, scaled back). The network alone of each backend but eager
+torch is timed in the same rounds, the fp32 ones set against the machine's compute floor (its best fp32
+matrix-multiply rate, measured in the same run: `mnv2.bench.floor`), and so are the stages around it (`STAGES`: the
+preprocessing, and decode + NMS on the torch backends).
 
 Random weights make NMS degenerate -- every score equal, or none above a threshold -- so both detectors are set up
 to give NMS the same, realistic amount of work on the bench image:
@@ -215,10 +215,11 @@ def torchvision_runner(ssd: nn.Module):
 
 def build_runners(model: nn.Module, config: dict, backends: list[str], threads: int, calib: list,
                   x: np.ndarray) -> dict:
-    """{row name: callable(image)}: each backend end to end, the network alone of each fp32 backend (on the already
-    preprocessed `x`), then the stages around the network alone (`STAGES`)."""
+    """{row name: callable(image)}: each backend end to end, the network alone of each fp32 and int8 backend but eager
+    torch (on the already preprocessed `x`), then the stages around the network alone (`STAGES`)."""
     from ..deploy.detect import DetectionPredictor
     from ..deploy.export_detection import DetectorSpec, detection_onnx
+    from ..deploy.quantize import CalibrationReader
     from ..deploy.runtime import build_backend
 
     spec = DetectorSpec.from_config(config, model.num_classes)
@@ -241,8 +242,10 @@ def build_runners(model: nn.Module, config: dict, backends: list[str], threads: 
                                                           calib_images=calib, graph=graph, nms_in_graph=False)
                 runners[f"{name}{TORCH_NMS}"] = lambda image, p=predictor: p.predict_images([image])
         for name in backends:
-            if name in FP32_BACKENDS:
-                net = build_backend(name, model, spec.resolution, threads, graph=lambda: graph(raw=True))
+            if name in FP32_BACKENDS or name.endswith("-int8"):
+                calibration = (lambda: CalibrationReader.from_images(calib, spec.preprocess)) if name.endswith(
+                    "-int8") else None
+                net = build_backend(name, model, spec.resolution, threads, calibration, lambda: graph(raw=True))
                 runners[f"{name} (network)"] = lambda _image, net=net: net.outputs(x)
     # the fixed stages around the network, alone: DetectionPredictor's preprocessing, and the torch backends'
     # decode + per-class NMS (the ONNX backends run the same function inside their graph)
@@ -311,7 +314,9 @@ def measure(width: float = 1.0, resolution: int = 320, threads: int = 2, backend
                      # round by round, so that a slow phase of the host counts against both sides of a ratio
                      "speedup": statistics.median(b / r for b, r in zip(base, t["round_ms"]))
                      if kind == "end-to-end" else None,
-                     "floor_fraction": floor_ms / t["median_ms"] if kind == "network" else None,
+                     # the floor is an fp32 one: set against fp32 networks only
+                     "floor_fraction": floor_ms / t["median_ms"] if kind == "network" and "int8" not in name
+                     else None,
                      "detections": detections.get(name)})
     return {"model": config.get("model", "ssdlite_mobilenet_v2"), "width": width, "resolution": resolution,
             "threads": threads, "repeats": repeats, "image": list(IMAGE_SIZE), "trained": trained,
@@ -334,7 +339,7 @@ def format_table(result: dict) -> str:
              f"{'backend':<32} {'median ms':>10} {'p90 ms':>8} {'vs torchvision':>15} {'detections':>11}"]
     for r in result["rows"]:
         if r["kind"] != "end-to-end":
-            extra = f"{100 * r['floor_fraction']:.0f}% of floor" if r["kind"] == "network" else "-"
+            extra = f"{100 * r['floor_fraction']:.0f}% of floor" if r["floor_fraction"] is not None else "-"
             dets = "-"
         else:
             extra = f"{r['speedup']:.2f}x"
