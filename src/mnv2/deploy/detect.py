@@ -99,9 +99,9 @@ class DetectionPredictor(Predictor):
         for i, (height, width) in enumerate(image_sizes):
             n = int(np.sum(scores[i, :int(count[i])] > threshold))  # best first: the kept ones lead
             scaled = boxes[i, :n] * np.array([width, height, width, height], np.float32)
-            results.append([Detection(tuple(float(v) for v in b), float(sc), int(lab), self.class_names[lab - 1],
-                                      int(self.spec.category_ids[lab - 1]))
-                            for b, sc, lab in zip(scaled, scores[i, :n], labels[i, :n].tolist())])
+            results.append([Detection(tuple(b), sc, lab, self.class_names[lab - 1], self.spec.category_ids[lab - 1])
+                            for b, sc, lab in zip(scaled.tolist(), scores[i, :n].tolist(),
+                                                  labels[i, :n].tolist())])
         return results
 
     def predict_images(self, images: Sequence, score_threshold: float | None = None) -> list[list[Detection]]:
