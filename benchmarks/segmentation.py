@@ -58,12 +58,13 @@ class map out -- the network, its logits upsampled bilinearly to 512x512, the ar
 a fixed on-device size has no resize step, and both sides would normalise alike, so preprocessing is left out. Ours is
 `deeplabv3_mobilenet_v2` (width 1.0, output stride 16, no ASPP: the paper's on-device model). The peers are
 torchvision's `lraspp_mobilenet_v3_large` and `deeplabv3_mobilenet_v3_large` (`weights=None, weights_backbone=None`, no
-aux head) in eval mode; their rows are `model(x)["out"].argmax(1)`, so they do the same argmax. Our torch rows are
-`model(x).argmax(1)` (`torch`: eager; `torch-fast`: what that backend runs -- BN folded, channels_last; `t-split t=1`:
-the section 5.1 executor at t = 1); on onnxruntime and OpenVINO one graph takes the image to the class map (the
-network to its stride-16 logits, then Resize + ArgMax written the way each runtime runs fastest,
-`mnv2.bench.segmentation.with_class_map`); the int8 rows quantise the network (`mnv2.deploy.quantize`, calibrated on
-{CALIB_IMAGES} synthetic scenes at 512) and keep the Resize + ArgMax fp32. Random weights: every model gets BN
+aux head) in eval mode; their rows are `model(x)["out"].argmax(1)`, so they do the same argmax. Ours are what
+`SegmentationPredictor` runs after preprocessing: the backend up to the logits at stride 16 (`torch`: eager;
+`torch-fast`: what that backend runs -- BN folded, channels_last; `t-split t=1`: the section 5.1 executor at t = 1;
+onnxruntime and OpenVINO: the graph `mnv2 export` writes, which ends there), then `mnv2.deploy.segment.class_map`,
+the bilinear upsampling to 512x512 and the argmax fused in one native pass (equal to F.interpolate + argmax, tested;
+no 21x512x512 logits tensor). The int8 rows quantise the network (`mnv2.deploy.quantize`, calibrated on
+{CALIB_IMAGES} synthetic scenes at 512); the class map is the same fp32 step. Random weights: every model gets BN
 statistics from {BN_IMAGES} synthetic scenes at {BN_SIZE} px (the image-pooling branch's BN sees one value per image),
 and our logits layer is scaled so a pixel's class logits spread with std {SPREAD:g} (a fresh one ties every class; no
 timing changes). Same process, same threads, same input; the runners take turns in ten rounds, and a speed-up is the

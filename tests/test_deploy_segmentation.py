@@ -54,12 +54,15 @@ def test_onnxruntime_equals_pytorch_at_two_sizes():
     for b, h, w in ((1, 96, 128), (2, 161, 97)):
         x = torch.randn(b, 3, h, w, generator=g)
         with torch.inference_mode():
-            expected = model(x).numpy()
+            expected, upsampled = model.forward_logits_at_stride(x).numpy(), model(x)
         got = session.run(None, {"input": x.numpy()})[0]
-        assert got.shape == expected.shape == (b, 9, h, w)
+        assert got.shape == expected.shape == (b, 9, -(-h // 16), -(-w // 16))  # the logits at output stride 16
         scale = np.abs(expected).max()
         assert scale > 10  # logits that decide something
         assert np.abs(got - expected).max() <= 1e-4 * scale
+        # upsampled as the docstring says (bilinear, align_corners=False, to the input's size): the model's output
+        got_upsampled = F.interpolate(torch.from_numpy(got), size=(h, w), mode="bilinear", align_corners=False)
+        assert (got_upsampled - upsampled).abs().max() <= 1e-4 * scale
     assert report["max_abs_diff"] <= 1e-4 * report["max_abs_logit"]
 
 
@@ -126,7 +129,7 @@ def test_images_of_one_size_batch_together_as_if_alone():
     model, config = segmenter()
     predictor = SegmentationPredictor.from_model(model, config, backend="torch", batch_size=4)
     calls = []
-    hook = model.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
+    hook = model.backbone.stem.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
     try:
         images = train_images()[:3] + [sized_images()[0]]
         together = predictor.predict(images)
@@ -143,7 +146,7 @@ def test_fixed_resolution_stretches_and_resizes_the_logits_back():
     predictor = SegmentationPredictor.from_model(model, config, backend="torch", resolution=64)
     assert predictor.resolution == 64 and predictor.preprocess.resize == "stretch"
     calls = []
-    hook = model.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
+    hook = model.backbone.stem.register_forward_pre_hook(lambda m, args: calls.append(tuple(args[0].shape)))
     try:
         images = list(sized_images())
         masks = predictor.predict(images)
@@ -152,8 +155,9 @@ def test_fixed_resolution_stretches_and_resizes_the_logits_back():
     assert calls == [(3, 3, 64, 64)]  # every image stretched to 64 x 64, one batch
     stretch = Preprocess.from_dict({**PREPROCESS, "resize": "stretch"}, 64)
     for image, mask, (h, w) in zip(images, masks, SIZES):
-        with torch.inference_mode():  # each image alone, its logits upsampled to its own size
-            logits = F.interpolate(model(stretch([image])), size=(h, w), mode="bilinear", align_corners=False)
+        with torch.inference_mode():  # each image alone, its logits at stride upsampled straight to its own size
+            logits = F.interpolate(model.forward_logits_at_stride(stretch([image])), size=(h, w), mode="bilinear",
+                                   align_corners=False)
         assert mask.shape == (h, w)
         assert_argmax_except_near_ties(mask, logits[0].numpy(), tol=1e-5 * float(logits.abs().max()))
 
@@ -172,7 +176,8 @@ def test_fixed_size_export_runs_stretched(tmp_path):
     stretch = Preprocess.from_dict(meta["mnv2.preprocess"])
     for image, mask, (h, w) in zip(sized_images(), fixed.predict(list(sized_images())), SIZES):
         with torch.inference_mode():
-            logits = F.interpolate(model(stretch([image])), size=(h, w), mode="bilinear", align_corners=False)
+            logits = F.interpolate(model.forward_logits_at_stride(stretch([image])), size=(h, w), mode="bilinear",
+                                   align_corners=False)
         assert_argmax_except_near_ties(mask, logits[0].numpy(), tol=1e-4 * float(logits.abs().max()))
     with pytest.raises(UserError, match="takes 64x64 images only"):
         SegmentationPredictor.from_onnx(report.path, resolution=80)
@@ -314,3 +319,29 @@ def test_val_split_is_the_shapes_one():
     from mnv2.deploy.quantize import segmentation_val_data
     dataset = segmentation_val_data(shapes_segment())
     assert len(dataset) == 2 and list(dataset.class_names) == class_names()
+
+
+# --- the class map ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("native_kernels", [True, False], ids=["native", "torch"])
+def test_class_map_is_interpolate_then_argmax(native_kernels, monkeypatch):
+    # The fused upsampling + argmax against the two steps written out, at upsampling, identity, downsampling and
+    # non-square sizes; whole-pixel equality (the native kernel repeats torch's arithmetic, fused multiply-adds
+    # included). Ties keep the first class, as argmax: two classes are copies of another.
+    from mnv2 import native
+    from mnv2.deploy.segment import class_map
+    if native_kernels and not native.available():
+        pytest.skip(f"native kernels unavailable: {native.status()}")
+    if not native_kernels:
+        monkeypatch.setattr(native, "_state", {"ok": False, "why": "turned off by the test"})
+    g = torch.Generator().manual_seed(11)
+    for (h, w), size in (((32, 32), (512, 512)), ((17, 23), (270, 361)), ((9, 9), (9, 9)), ((40, 31), (25, 60)),
+                         ((1, 1), (7, 5))):
+        logits = torch.randn(2, 21, h, w, generator=g) * 3
+        logits[:, 7] = logits[:, 3]  # a tie everywhere: class 3 must win it
+        logits[:, 12] = logits[:, 3]
+        expected = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1)
+        got = class_map(logits, size)
+        assert got.dtype == torch.uint8 and got.shape == (2, *size)
+        assert torch.equal(got.long(), expected), (h, w, size)
+        assert not (got == 7).any() and not (got == 12).any()

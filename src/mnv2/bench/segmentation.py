@@ -9,16 +9,14 @@ and both sides would do the same normalisation. torchvision's `lraspp_mobilenet_
 same argmax, so both sides do the same work.
 
 Where the class map is taken:
-  torch rows           `model(x).argmax(1)` -- ours and torchvision's alike. A model whose head runs channels_last
-                       (torch-fast, the t-split) upsamples and takes the argmax in that layout, which is several
-                       times cheaper than over NCHW's strided class axis: part of what those paths buy.
-  onnxruntime/openvino one graph, image -> class map: the network's logits at the output stride, then ONNX Resize
-                       (bilinear, half-pixel = F.interpolate with align_corners=False) and ArgMax over classes, so
-                       the runtime's own threads do all of it and no 21 x R x R logits tensor leaves it (a torch
-                       argmax after the call also shares the cores with the runtime's spinning pool).
+  torchvision rows     `model(x)["out"].argmax(1)`: its forward upsamples to R x R, then the argmax.
+  our rows             what `SegmentationPredictor` runs after preprocessing: the backend up to the class logits at
+                       the output stride (what an exported graph gives, mnv2.deploy.export_segmentation), then
+                       `mnv2.deploy.segment.class_map` -- the bilinear upsampling to R x R (align_corners=False) and
+                       the argmax fused in one native pass, equal to F.interpolate + argmax (tested), without the
+                       21 x R x R logits tensor. `torch` is the eager model's at-stride forward, then the same.
   int8                 the network to the stride-16 logits quantised (mnv2.deploy.quantize on `CALIB_IMAGES`
-                       synthetic scenes), the Resize + ArgMax appended in fp32: quantising the 21 x R x R Resize
-                       output costs more than the whole int8 network saves, as detection keeps its NMS fp32.
+                       synthetic scenes), the class map the same fp32 step.
 
 The network rows time each backend up to the logits at the output stride (what `count_madds` counts) and set the fp32
 ones against the compute floor: the network's FLOPs (2 x MAdds) over the best fp32 matrix-multiply rate measured in
@@ -59,7 +57,6 @@ SPLIT = "t-split t=1"  # our model on the section 5.1 executor at t = 1 (the nat
 FP32 = ("torch", "torch-fast", SPLIT, "onnxruntime", "openvino")
 INT8 = ("onnxruntime-int8", "openvino-int8")
 NETWORK = " (network)"
-CLASS_MAP = "class_map"  # the ONNX graphs' output
 
 
 # --- inputs and models ----------------------------------------------------------------------------------------------
@@ -145,60 +142,12 @@ class _AtStride(nn.Module):
         return self.model.forward_logits_at_stride(x)
 
 
-# --- ONNX graphs: the network, and the network + Resize + ArgMax ---------------------------------------------------
+# --- ONNX graphs: the network to its logits at the output stride ----------------------------------------------------
 
 def network_onnx(model: nn.Module, resolution: int):
     """Our model up to its logits at the output stride, BN folded, input [1, 3, R, R] (a static graph)."""
     from ..deploy.export import to_onnx
     return to_onnx(_AtStride(model.eval()), resolution, dynamic_batch=False)
-
-
-def with_class_map(network, resolution: int, runtime: str = "onnxruntime"):
-    """A copy of the network graph (its one output: logits [1, C, h, w]) that goes on to the class map [1, R, R]:
-    bilinear Resize to R x R with half-pixel centres (F.interpolate, align_corners=False), then the first class of
-    largest logit (torch.argmax's choice on ties), written the way `runtime` runs fastest -- measured here on the
-    21 x 32 x 32 -> 512 x 512 tail alone, 2 threads, on a loaded host:
-      onnxruntime  the logits transposed to NHWC first, ArgMax over the last, contiguous axis: 7-8 ms
-                   (NCHW ArgMax over the strided class axis: 14-25 ms);
-      openvino     NCHW, ArgMax as ReduceMax, Equal, Where(class index) and ReduceMin: 10 ms (its ArgMax, a TopK,
-                   20 ms over NCHW and 55 ms over NHWC)."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    proto = onnx.ModelProto()
-    proto.CopyFrom(network)
-    graph = proto.graph
-    (logits,) = graph.output
-    c = logits.type.tensor_type.shape.dim[1].dim_value
-    nhwc = runtime.startswith("onnxruntime")
-    axis, sizes = (3, [1, resolution, resolution, c]) if nhwc else (1, [1, c, resolution, resolution])
-    source = logits.name
-
-    def const(name: str, dtype: int, dims: list[int], values: list) -> str:
-        graph.initializer.append(helper.make_tensor(f"class_map_{name}", dtype, dims, values))
-        return f"class_map_{name}"
-
-    if nhwc:
-        graph.node.append(helper.make_node("Transpose", [source], ["logits_nhwc"], perm=[0, 2, 3, 1]))
-        source = "logits_nhwc"
-    sizes = const("sizes", TensorProto.INT64, [4], sizes)
-    graph.node.append(helper.make_node("Resize", [source, "", "", sizes], ["upsampled_logits"], mode="linear",
-                                       coordinate_transformation_mode="half_pixel"))
-    if nhwc:
-        graph.node.append(helper.make_node("ArgMax", ["upsampled_logits"], [CLASS_MAP], axis=axis, keepdims=0))
-    else:
-        axes = const("axis", TensorProto.INT64, [1], [axis])
-        index = const("index", TensorProto.INT64, [1, c, 1, 1], list(range(c)))
-        graph.node.extend([
-            helper.make_node("ReduceMax", ["upsampled_logits", axes], ["largest_logit"], keepdims=1),
-            helper.make_node("Equal", ["upsampled_logits", "largest_logit"], ["is_largest"]),
-            helper.make_node("Where", ["is_largest", index, const("none", TensorProto.INT64, [], [c])],
-                             ["largest_index"]),
-            helper.make_node("ReduceMin", ["largest_index", axes], [CLASS_MAP], keepdims=0)])
-    graph.output.pop()
-    graph.output.append(helper.make_tensor_value_info(CLASS_MAP, TensorProto.INT64, [1, resolution, resolution]))
-    onnx.checker.check_model(proto)
-    return proto
 
 
 def int8_network(network, calib: torch.Tensor):
@@ -219,21 +168,44 @@ def _runtime(name: str, graph: bytes, threads: int):
 
 # --- runners --------------------------------------------------------------------------------------------------------
 
-def _torch_runners(module: nn.Module, channels_last: bool) -> tuple:
-    """(end to end, network alone) callables numpy [1, 3, R, R] -> class map / logits at stride."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+def _peer_runners(module: nn.Module) -> tuple:
+    """A torchvision peer's (end to end, network alone) callables numpy [1, 3, R, R] -> class map / logits at
+    stride."""
     at_stride = logits_at_stride(module)
 
     @torch.inference_mode()
     def end_to_end(x: np.ndarray) -> torch.Tensor:
-        out = module(torch.from_numpy(x).contiguous(memory_format=fmt))
-        return (out["out"] if isinstance(out, dict) else out).argmax(1)
+        return module(torch.from_numpy(x))["out"].argmax(1)
+
+    @torch.inference_mode()
+    def network(x: np.ndarray) -> torch.Tensor:
+        return at_stride(torch.from_numpy(x))
+
+    return end_to_end, network
+
+
+def _our_runners(network) -> tuple:
+    """Our (end to end, network alone) callables: `network` numpy [1, 3, R, R] -> logits at stride, and the class map
+    after it as SegmentationPredictor takes it (`class_map`)."""
+    from ..deploy.segment import class_map
+
+    def end_to_end(x: np.ndarray) -> torch.Tensor:
+        logits = network(x)
+        logits = torch.from_numpy(logits) if isinstance(logits, np.ndarray) else logits
+        return class_map(logits, x.shape[-2:])
+
+    return end_to_end, network
+
+
+def _torch_network(module: nn.Module, channels_last: bool):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    at_stride = logits_at_stride(module)
 
     @torch.inference_mode()
     def network(x: np.ndarray) -> torch.Tensor:
         return at_stride(torch.from_numpy(x).contiguous(memory_format=fmt))
 
-    return end_to_end, network
+    return network
 
 
 def build_runners(model: nn.Module, backends: list[str], threads: int, resolution: int, calib: torch.Tensor,
@@ -243,26 +215,26 @@ def build_runners(model: nn.Module, backends: list[str], threads: int, resolutio
     from ..deploy.runtime import fast_module
     from ..deploy.tsplit import tsplit
 
-    pairs = {name: _torch_runners(peer, False) for name, peer in peers.items()}
+    pairs = {name: _peer_runners(peer) for name, peer in peers.items()}
     graphs = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in backends:
             if name == "torch":
-                pairs[name] = _torch_runners(model, False)
-            elif name == "torch-fast":  # what build_backend("torch-fast") runs, here with our own class map
-                pairs[name] = _torch_runners(fast_module(model).to(memory_format=torch.channels_last), True)
+                pairs[name] = _our_runners(_torch_network(model, False))
+            elif name == "torch-fast":  # what build_backend("torch-fast") runs
+                pairs[name] = _our_runners(_torch_network(fast_module(model).to(memory_format=torch.channels_last),
+                                                          True))
             elif name == SPLIT:
-                pairs[name] = _torch_runners(tsplit(model, 1), True)
+                pairs[name] = _our_runners(_torch_network(tsplit(model, 1), True))
             elif name in ("onnxruntime", "openvino", *INT8):
                 if "fp32" not in graphs:
                     graphs["fp32"] = network_onnx(model, resolution)
                 key = "int8" if name in INT8 else "fp32"
                 if key not in graphs:
                     graphs[key] = int8_network(graphs["fp32"], calib)
-                full = _runtime(name, with_class_map(graphs[key], resolution, name).SerializeToString(), threads)
-                net = _runtime(name, graphs[key].SerializeToString(), threads)
-                pairs[name] = (full, net)  # backends are callables numpy -> their first output
+                # backends are callables numpy -> their first output
+                pairs[name] = _our_runners(_runtime(name, graphs[key].SerializeToString(), threads))
             else:
                 raise UserError(f"unknown backend {name!r}; expected one of {', '.join(all_backends())}")
     runners = {name: pair[0] for name, pair in pairs.items()}

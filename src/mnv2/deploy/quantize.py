@@ -117,8 +117,9 @@ def quantize_int8(fp32_model: bytes | str | Path, out: str | Path,
         # image-pooling and 1x1 branches) and gives up; auto_merge lets it merge such dims.
         q.quant_pre_process(str(src), str(pre), auto_merge=_free_size(original))
         quantized = Path(work) / "int8.onnx"
-        # Resize stays fp32: quantised, a segmentation model's final upsampling of its logits ran slower than the
-        # whole int8 network before it (15.7 vs 8.9 ms at 512, mnv2.bench.segmentation), for no accuracy to gain.
+        # Resize stays fp32: quantised, the full-size upsampling of a segmentation graph that ends in one (ours
+        # end at the output stride now; older exports and other models do not) ran slower than the whole int8
+        # network before it (15.7 vs 8.9 ms at 512, mnv2.bench.segmentation), for no accuracy to gain.
         keep_fp32 = [n.name for n in onnx.load(str(pre)).graph.node if n.op_type == "Resize"]
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress to stdout

@@ -110,9 +110,6 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 96  # per process (the paper: 96 per GPU worker)
     label_smoothing: float = 0.0
-    # Segmentation: loss weight of class 0 (background) against 1 for every other class; below 1 counters a
-    # background that covers most pixels (the weighted mean is normalised by the weights, so the scale is kept)
-    background_weight: float = 1.0
     ema_decay: float = 0.0  # 0 = no EMA; TF-Slim used 0.9999 (per step)
     ema_warmup: bool = False  # TF's num_updates warm-up: the n-th update's decay is min(ema_decay, (1+n)/(10+n))
     seed: int = 0
@@ -247,7 +244,6 @@ RANGES = {  # key: (low, high, low inclusive, high inclusive)
     "train.epochs": (1, None, True, False),
     "train.batch_size": (1, None, True, False),
     "train.label_smoothing": (0, 1, True, False),
-    "train.background_weight": (0, None, False, False),
     "train.ema_decay": (0, 1, True, False),
     "train.checkpoint_every": (0, None, True, False),
     "train.eval_every": (1, None, True, False),

@@ -109,11 +109,7 @@ class SegmentationTask:
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         images, masks, _ = batch
         logits = model(images)
-        weight = None
-        if self.cfg.train.background_weight != 1.0:  # class 0 weighted against 1 for the others
-            weight = torch.ones(logits.shape[1], device=logits.device)
-            weight[0] = self.cfg.train.background_weight
-        return nn.functional.cross_entropy(logits.float(), masks, weight=weight, ignore_index=IGNORE_INDEX)
+        return nn.functional.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
     def evaluator(self, val_dataset) -> SegmentationEvaluator:
