@@ -46,6 +46,23 @@ def test_flip_maps_a_box_to_its_mirror_with_the_pixels():
     assert white[20:50, 41:54].all() and not white[:, :39].any() and not white[:, 56:].any()
 
 
+def test_rot90_turns_box_and_canvas_with_the_pixels():
+    # A non-square image: a quarter turn swaps its sides, so the squash to 64 x 64 differs per rotation; the box must
+    # frame the white rectangle in every one, and all four rotations must occur.
+    image, target = sample(60, 120, [[10, 20, 40, 50]])
+    image[:, 20:50, 10:40] = 255
+    seen = set()
+    for seed in range(16):
+        torch.manual_seed(seed)
+        out_image, out = detection_train_preset(64, **{**NO_RANDOMNESS, "rot90": True})(image.clone(), dict(target))
+        white = to_pixels(out_image).mean(0) > 200
+        ys, xs = torch.nonzero(white, as_tuple=True)
+        found = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+        assert torch.allclose(out["boxes"][0], found, atol=1.5), (out["boxes"], found)
+        seen.add(tuple(round(v) for v in out["boxes"][0].tolist()))
+    assert len(seen) == 4
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_train_preset_boxes_stay_on_their_pixels(seed):
     # One white rectangle on black: wherever zoom-out, IoU crop, flip and resize put it, the box must frame it.

@@ -89,10 +89,13 @@ class RandomIoUCrop(v2.RandomIoUCrop):
 
 
 def detection_train_preset(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, hflip: float = 0.5,
-                           zoom_out: float = 4.0, iou_crop: bool = True, photometric: bool = True) -> v2.Compose:
+                           zoom_out: float = 4.0, iou_crop: bool = True, photometric: bool = True,
+                           rot90: bool = False) -> v2.Compose:
     """SSD augmentation to a `size` x `size` normalised float image (see the module docstring).
 
     `zoom_out`: largest canvas side as a multiple of the image's (torchvision's and SSD's 4; <= 1 turns it off).
+    `rot90`: rotate by 0, 90, 180 or 270 degrees, uniformly (exact for the boxes; the canvas turns with the image).
+    Only for classes that are the same under rotation, as the synthetic shapes; COCO's are not.
     Boxes left smaller than 1 pixel or outside the crop are removed with their labels and iscrowd flags.
     """
     steps = []
@@ -103,6 +106,8 @@ def detection_train_preset(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, hfli
         steps.append(v2.RandomZoomOut(fill={tv_tensors.Image: fill, "others": 0}, side_range=(1.0, zoom_out)))
     if iou_crop:
         steps.append(IfBoxes(RandomIoUCrop()))
+    if rot90:
+        steps.append(v2.RandomChoice([v2.RandomRotation((d, d), expand=True) for d in (0, 90, 180, 270)]))
     if hflip > 0:
         steps.append(v2.RandomHorizontalFlip(hflip))
     steps += [v2.Resize((size, size), antialias=True), v2.SanitizeBoundingBoxes(labels_getter=_labels_and_crowd),

@@ -63,6 +63,7 @@ class DataConfig:
     iou_crop: bool = True
     zoom_out: float = 4.0  # 1.0 = off
     photometric: bool = True
+    rot90: bool = False  # a random multiple of 90 degrees: only for rotation-invariant classes (the shapes)
     # Segmentation: random rescale of the whole image by a factor in this range, then pad + crop to `resolution`.
     rescale: tuple[float, float] = (0.5, 2.0)
 

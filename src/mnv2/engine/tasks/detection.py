@@ -44,7 +44,7 @@ class DetectionTask:
 
         d = self.cfg.data
         train_tf = detection_train_preset(d.resolution, d.mean, d.std, hflip=d.hflip, zoom_out=d.zoom_out,
-                                          iou_crop=d.iou_crop, photometric=d.photometric)
+                                          iou_crop=d.iou_crop, photometric=d.photometric, rot90=d.rot90)
         train = CocoDetection(*self.split_files("train"), transform=train_tf, on_bad_image=d.on_bad_image)
         self.class_names, self.category_ids = list(train.class_names), list(train.category_ids)
         return train, self.val_dataset(train)
