@@ -172,7 +172,7 @@ def test_demo_recipe_runs_as_shipped(tmp_path):
                            "--no-progress", "--set", "train.max_steps=2"], capture_output=True, text=True, env=ENV,
                           timeout=600, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "ssdlite_mobilenet_v2 width 0.35 @ 128 on 320 images of 8 classes" in proc.stdout
+    assert "ssdlite_mobilenet_v2 width 0.35 @ 160 on 320 images of 8 classes" in proc.stdout
     _, meta = load_model(tmp_path / "run" / "best.safetensors")
     assert meta["task"] == "detection" and meta["metrics"]["images"] == 80  # every val image scored
     assert (tmp_path / "data" / "shapes" / "detect" / "annotations" / "instances_val.json").is_file()
