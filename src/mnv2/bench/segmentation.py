@@ -29,6 +29,7 @@ activations have realistic ranges.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import tempfile
@@ -184,15 +185,18 @@ def _peer_runners(module: nn.Module) -> tuple:
     return end_to_end, network
 
 
-def _our_runners(network) -> tuple:
+def _our_runners(network, beside_runtime: bool = False) -> tuple:
     """Our (end to end, network alone) callables: `network` numpy [1, 3, R, R] -> logits at stride, and the class map
-    after it as SegmentationPredictor takes it (`class_map`)."""
+    after it as SegmentationPredictor takes it (`class_map`; after an ONNX runtime on one torch thread, as the
+    predictor: `one_torch_thread`)."""
+    from ..deploy.runtime import one_torch_thread
     from ..deploy.segment import class_map
 
     def end_to_end(x: np.ndarray) -> torch.Tensor:
         logits = network(x)
         logits = torch.from_numpy(logits) if isinstance(logits, np.ndarray) else logits
-        return class_map(logits, x.shape[-2:])
+        with one_torch_thread() if beside_runtime else contextlib.nullcontext():
+            return class_map(logits, x.shape[-2:])
 
     return end_to_end, network
 
@@ -234,7 +238,7 @@ def build_runners(model: nn.Module, backends: list[str], threads: int, resolutio
                 if key not in graphs:
                     graphs[key] = int8_network(graphs["fp32"], calib)
                 # backends are callables numpy -> their first output
-                pairs[name] = _our_runners(_runtime(name, graphs[key].SerializeToString(), threads))
+                pairs[name] = _our_runners(_runtime(name, graphs[key].SerializeToString(), threads), True)
             else:
                 raise UserError(f"unknown backend {name!r}; expected one of {', '.join(all_backends())}")
     runners = {name: pair[0] for name, pair in pairs.items()}

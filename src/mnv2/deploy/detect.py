@@ -92,7 +92,8 @@ class DetectionPredictor(Predictor):
         A higher threshold after NMS gives what NMS at that threshold gives: NMS keeps or drops a box by the boxes
         that score above it only."""
         if len(outputs) == 2:
-            outputs = self.spec.select(*(torch.from_numpy(o) for o in outputs), self.anchors)
+            with self.beside_runtime():
+                outputs = self.spec.select(*(torch.from_numpy(o) for o in outputs), self.anchors)
         boxes, scores, labels, count = (np.asarray(o) for o in outputs)
         threshold = self.spec.score_threshold if score_threshold is None else score_threshold
         results = []

@@ -21,6 +21,8 @@ written by benchmarks/inference.py).
 
 from __future__ import annotations
 
+import contextlib
+
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -236,6 +238,19 @@ def build_backend(name: str, model: nn.Module, resolution: int, threads: int | N
     return OpenVinoBackend(int8, threads) if name == "openvino-int8" else OnnxRuntimeBackend(int8, threads)
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one thread inside the block, for its work beside an onnxruntime / OpenVINO backend: the runtime's and
+    torch's thread pools each spin on for a while after their work, and on a 2-core machine they took the cores from
+    each other (SSDLite @ 320 end to end, 2 threads: 38 ms with torch at 2 threads around it, 19 ms at 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --- the predictor -------------------------------------------------------------------------------------------------
 
 class Prediction(NamedTuple):
@@ -338,19 +353,15 @@ class Predictor:
 
     # the four steps ----------------------------------------------------------------------------------------------
     def load(self, images: Sequence) -> np.ndarray:
-        """Images (paths or PIL) -> the preprocessed float32 batch.
+        """Images (paths or PIL) -> the preprocessed float32 batch; before an onnxruntime / OpenVINO backend on one
+        torch thread (`one_torch_thread`)."""
+        with self.beside_runtime():
+            return self.preprocess(list(images)).numpy()
 
-        Before an onnxruntime / OpenVINO backend, the resize runs on one torch thread: torch's pool spins on for a
-        while after an op, and on a 2-core machine those spinning threads took the cores from the runtime's own
-        (SSDLite @ 320 end to end, 2 threads: 38 ms with torch at 2 threads, 19 ms at 1)."""
-        if self.backend_name.startswith("torch"):
-            return self.preprocess(list(images)).numpy()
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return self.preprocess(list(images)).numpy()
-        finally:
-            torch.set_num_threads(threads)
+    def beside_runtime(self):
+        """A context for torch work around an onnxruntime / OpenVINO backend's runs (preprocessing, a last step):
+        `one_torch_thread`. No change on a torch backend."""
+        return contextlib.nullcontext() if self.backend_name.startswith("torch") else one_torch_thread()
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Preprocessed batch -> logits (the first output), in chunks of the batch size."""

@@ -120,8 +120,9 @@ class SegmentationPredictor(Predictor):
         """Class logits [N, C, h, w] -- at the output stride (what the backends here and an exported graph give) or
         at any other size (an older export's, upsampled) -> uint8 class-index masks [H, W] at each image's size:
         resized bilinearly (align_corners=False, as the model upsamples its own) and argmax'd, fused (`class_map`)."""
-        return [class_map(torch.from_numpy(np.ascontiguousarray(logits[i:i + 1])), size)[0].numpy()
-                for i, size in enumerate(image_sizes)]
+        with self.beside_runtime():  # after onnxruntime's threads, 2 torch threads took 16 ms instead of ~1 here
+            return [class_map(torch.from_numpy(np.ascontiguousarray(logits[i:i + 1])), size)[0].numpy()
+                    for i, size in enumerate(image_sizes)]
 
     def predict_images(self, images: Sequence) -> list[np.ndarray]:
         """Masks for PIL images (already loaded), in order."""
