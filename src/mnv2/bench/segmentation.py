@@ -109,7 +109,7 @@ def torchvision_peer(builder: str, bn_images: torch.Tensor | None = None, num_cl
     return set_bn_statistics(model, bn_images) if bn_images is not None else model.eval()
 
 
-class LogitsAtStride(nn.Module):
+class TorchvisionLogitsAtStride(nn.Module):
     """A torchvision segmentation model's forward up to its low-resolution logits: what its `forward` computes before
     the final F.interpolate. LRASPP's classifier takes the backbone's {"low", "high"} maps; DeepLabV3's (a
     _SimpleSegmentationModel) the backbone's "out" map (its aux classifier, absent here, is left out)."""
@@ -129,18 +129,7 @@ def logits_at_stride(model: nn.Module):
     DeepLab) or a torchvision segmentation model's parts."""
     if hasattr(model, "forward_logits_at_stride"):
         return model.forward_logits_at_stride
-    return LogitsAtStride(model)
-
-
-class _AtStride(nn.Module):
-    """Our model's `forward_logits_at_stride` as a module's forward (for the ONNX export of the network alone)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_logits_at_stride(x)
+    return TorchvisionLogitsAtStride(model)
 
 
 # --- ONNX graphs: the network to its logits at the output stride ----------------------------------------------------
@@ -148,7 +137,8 @@ class _AtStride(nn.Module):
 def network_onnx(model: nn.Module, resolution: int):
     """Our model up to its logits at the output stride, BN folded, input [1, 3, R, R] (a static graph)."""
     from ..deploy.export import to_onnx
-    return to_onnx(_AtStride(model.eval()), resolution, dynamic_batch=False)
+    from ..deploy.export_segmentation import LogitsAtStride
+    return to_onnx(LogitsAtStride(model.eval()), resolution, dynamic_batch=False)
 
 
 def int8_network(network, calib: torch.Tensor):

@@ -86,8 +86,6 @@ class RandomIoUCrop(v2.RandomIoUCrop):
                         "is_within_crop_area": inside[t]}
 
 
-
-
 def detection_train_preset(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, hflip: float = 0.5,
                            zoom_out: float = 4.0, iou_crop: bool = True, photometric: bool = True,
                            rot90: bool = False) -> v2.Compose:

@@ -33,7 +33,8 @@ class ContiguousImage(v2.Transform):
 
     A PIL image becomes a tensor that is a (C, H, W) view of (H, W, C) memory, and resizing keeps that layout. The
     float conversion and normalisation after it ran ~4x slower on it here (0.55 vs 0.14 ms at 320 x 320, one thread)
-    than on the contiguous copy, which costs a few microseconds of uint8 copying: so every preset copies first."""
+    than on a contiguous copy, and the copy is of the uint8 pixels: so every preset copies first (detection's eval
+    preprocessing of a 640 x 480 image 1.66 -> 0.80 ms, one thread, a loaded host)."""
 
     _transformed_types = (torch.Tensor,)  # tv_tensors of every kind, and a plain tensor image (v2's rules)
 

@@ -22,7 +22,6 @@ written by benchmarks/inference.py).
 from __future__ import annotations
 
 import contextlib
-
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence

@@ -153,15 +153,15 @@ class SegmentationPredictor(Predictor):
         return [ClassShare(int(c), self.class_names[c], float(counts[c] / mask.size)) for c in order if counts[c]]
 
 
-# --- writing masks -------------------------------------------------------------------------------------------------
+# --- the class map ---------------------------------------------------------------------------------------------------
 
 def class_map(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """uint8 [N, H, W]: the first class of largest logit at each pixel of `logits` [N, C, h, w] resized bilinearly to
     `size` (F.interpolate, align_corners=False): the model's `forward` and an argmax, i.e. its class map.
 
     Native (csrc/upsample_argmax.cpp) where the kernels build: one pass, row by row, no C x H x W tensor -- at
-    21 x 32 x 32 -> 512 x 512, one thread, 1.4 ms against 15 ms for F.interpolate + max here; equal to it, tested.
-    Otherwise F.interpolate and max(1).indices (the first largest, as argmax, in ~0.4x argmax's time over the
+    21 x 32 x 32 -> 512 x 512, one thread, 1.4 ms against 15 ms for F.interpolate + max here (a loaded host); equal
+    to it, tested. Otherwise F.interpolate and max(1).indices (the first largest, as argmax, in ~0.4x argmax's time over the
     strided class axis)."""
     from .. import native
 
@@ -172,6 +172,8 @@ def class_map(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
     return logits.max(1).indices.to(torch.uint8)
 
+
+# --- writing masks -------------------------------------------------------------------------------------------------
 
 def _palette() -> list[int]:
     from ..data.synthetic import voc_colormap
