@@ -87,11 +87,10 @@ def run(args) -> int:
         f"{len(trainer.task.class_names)} classes, {cfg.train.epochs} epochs x {trainer.steps_per_epoch} steps, "
         f"{trainer.ctx.world_size} process(es) on {trainer.device}"
         f"{', autocast ' + str(trainer.amp_dtype).replace('torch.', '') if trainer.amp_dtype else ''}")
-    from ..engine.distributed import shutdown
     try:
         result = trainer.fit()
-    finally:  # on an error too: a process group left to interpreter exit once aborted the rank (SIGABRT, not exit 2)
-        shutdown(trainer.ctx)
+    finally:  # on an error too: a process group left to interpreter exit aborts the rank (Trainer.close)
+        trainer.close()
     if not is_main:
         return 0
     if result.bad_images:

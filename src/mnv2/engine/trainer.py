@@ -7,6 +7,7 @@ its atomically written, resumable checkpoint (DESIGN.md "Contracts").
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -191,6 +192,15 @@ class Trainer:
             if record.get("step", 0) <= step:
                 kept.append(line)
         atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+    def close(self) -> None:
+        """Let go of the process group while the interpreter is still whole. The DDP wrapper holds it besides
+        c10d's registry, and a group still alive at interpreter exit takes its gloo threads into the C++
+        teardown: a rank that had finished (or stopped on an error) then died of SIGABRT ('terminate called
+        without an active exception') instead of exiting, and torchrun killed the other."""
+        self.ddp = None
+        gc.collect()
+        distributed.shutdown(self.ctx)
 
     # ---- loop ---------------------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
