@@ -87,7 +87,7 @@ def _check_runners(detector, scenes, backends):
     model, config = detector
     image, calib = scenes
     x = _x(config, image)
-    runners = D.build_runners(model, config, backends, 1, calib, x.numpy())
+    runners = D.build_runners(model, config, backends, 1, calib, image)
     outside = [f"{b}{D.TORCH_NMS}" for b in backends if not b.startswith("torch")]
     networks = [b for b in backends if b in D.FP32_BACKENDS or b.endswith("-int8")]
     assert sorted(runners) == sorted(backends + outside + [f"{b} (network)" for b in networks] + list(D.STAGES))
@@ -98,8 +98,10 @@ def _check_runners(detector, scenes, backends):
         assert [d.label for d in got] == [d.label for d in expected], name
         assert np.abs(np.subtract([d.box for d in got], [d.box for d in expected])).max() < 0.05, name  # pixels
         assert np.abs(np.subtract([d.score for d in got], [d.score for d in expected])).max() < 1e-4, name
-    assert runners[D.STAGES[0]](image).shape == x.shape
-    assert int(runners[D.STAGES[1]](image)[3][0]) == len(expected)  # decode + NMS alone: the same detections
+    pixels = runners[D.STAGES[0]](image)
+    assert pixels.shape == (1, x.shape[2], x.shape[3], 3) and pixels.dtype == np.uint8
+    assert torch.equal(runners[D.STAGES[1]](image), x)
+    assert int(runners[D.STAGES[2]](image)[3][0]) == len(expected)  # decode + NMS alone: the same detections
     with torch.inference_mode():
         heads = [h.numpy() for h in model(x)]
     for name in networks:
@@ -140,7 +142,8 @@ def test_bench_cli_json_for_a_detector():
     data = json.loads(r.stdout)
     assert [row["backend"] for row in data["rows"]] == ["torchvision", "torch-fast", "torch-fast (network)",
                                                          *D.STAGES]
-    assert [row["kind"] for row in data["rows"]] == ["end-to-end", "end-to-end", "network", "stage", "stage"]
+    assert [row["kind"] for row in data["rows"]] == ["end-to-end", "end-to-end", "network", "stage", "stage",
+                                                      "stage"]
     base, ours, net = data["rows"][:3]
     assert base["speedup"] == 1.0 and ours["speedup"] > 0 and net["speedup"] is None
     assert 0 < net["floor_fraction"] and data["floor_ms"] > 0

@@ -1,6 +1,7 @@
-"""Detectors through ONNX, onnxruntime and OpenVINO: decode + NMS in the graph equal PyTorch's post-processing, raw
-heads equal the model's, int8 keeps NMS in fp32 and reports COCO AP, and `mnv2 predict` lists the same boxes on every
-backend.
+"""Detectors through ONNX, onnxruntime and OpenVINO: the graph takes the resized uint8 pixels and normalises them as
+the eval preset does, decode + NMS in the graph equal PyTorch's post-processing, raw heads equal the model's, int8
+keeps normalisation and NMS in fp32 and reports COCO AP, a graph exported before the pixel input still predicts, and
+`mnv2 predict` lists the same boxes on every backend.
 
 The detector is seeded, not trained: SSDLite 0.35 @ 64 px with BN statistics from the shapes images and class-head
 weights scaled so its scores spread over (0, 1) and differ between images and anchors (a fresh model scores every
@@ -27,10 +28,13 @@ from mnv2.data.synthetic import write_dataset
 from mnv2.deploy.detect import DetectionPredictor
 from mnv2.deploy.export_detection import (
     DETECTION_OUTPUTS,
+    PIXELS_NAME,
     RAW_OUTPUTS,
     DetectorSpec,
     compare_detections,
     export_detector,
+    join_detection_parts,
+    split_detection_graph,
 )
 from mnv2.deploy.runtime import Predictor, inspect_onnx
 from mnv2.detection import postprocess, ssd_anchors
@@ -113,13 +117,28 @@ def _batch(root, config):
     return spec, spec.preprocess(_images(root))
 
 
+def _pixels(root, config):
+    """The exported graphs' input for the same images: uint8 [N, R, R, 3]."""
+    return DetectorSpec.from_config(config, 8).preprocess.pixels(_images(root))
+
+
+def _run(session, pixels):
+    """A batch-1 graph over each image of `pixels` in turn, its outputs concatenated."""
+    return [np.concatenate(o) for o in zip(*(session.run(None, {PIXELS_NAME: pixels[i:i + 1]})
+                                             for i in range(len(pixels))))]
+
+
+def _pixel_ops(graph) -> list[str]:
+    return [n.op_type for n in graph.graph.node if n.name.startswith("pixels/")]
+
+
 def test_nms_graph_gives_pytorchs_detections_on_images(data, detector, exported):
     model, config = detector
     spec, x = _batch(data[0], config)
     with torch.inference_mode():
         expected = spec.select(*model(x))
     session = ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
-    got = [np.concatenate(o) for o in zip(*(session.run(None, {"input": x[i:i + 1].numpy()}) for i in range(10)))]
+    got = _run(session, _pixels(data[0], config))
     assert [o.name for o in session.get_outputs()] == list(DETECTION_OUTPUTS)
     assert got[0].shape == (10, 100, 4) and got[1].shape == got[2].shape == (10, 100) and got[3].shape == (10,)
     box_diff, score_diff, n = compare_detections(expected, got, 1e-4, "test")
@@ -142,9 +161,7 @@ def test_nms_graph_scales_to_original_pixels_as_postprocess(data, detector, expo
     sizes = [(480, 640), (300, 200)]
     with torch.inference_mode():
         expected = postprocess(*model(x), ssd_anchors(RES), sizes)
-    session = ort.InferenceSession(str(exported.path))
-    boxes, _, labels, count = (np.concatenate(o) for o in zip(*(session.run(None, {"input": x[i:i + 1].numpy()})
-                                                                   for i in range(2))))
+    boxes, _, labels, count = _run(ort.InferenceSession(str(exported.path)), _pixels(data[0], config)[:2])
     for i, (h, w) in enumerate(sizes):
         n = int(count[i])
         assert labels[i, :n].tolist() == expected[i]["labels"].tolist()
@@ -155,7 +172,13 @@ def test_graph_structure_and_metadata(exported, detector):
     _, config = detector
     graph = onnx.load(str(exported.path))
     ops = {n.op_type for n in graph.graph.node}
-    assert "NonMaxSuppression" in ops and "BatchNormalization" not in ops and "Conv" in ops
+    assert "NonMaxSuppression" in ops and "Conv" in ops
+    # uint8 pixels in; the one BatchNormalization is their normalisation, the network's are folded into its convs
+    image = graph.graph.input[0]
+    assert image.name == PIXELS_NAME and image.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [d.dim_value for d in image.type.tensor_type.shape.dim] == [1, RES, RES, 3]
+    assert _pixel_ops(graph) == ["Transpose", "Cast", "BatchNormalization"]
+    assert [n.op_type for n in graph.graph.node].count("BatchNormalization") == 1
     meta = {e.key: json.loads(e.value) for e in graph.metadata_props}
     assert meta["mnv2.task"] == "detection"
     assert meta["mnv2.class_names"] == config["class_names"] and meta["mnv2.category_ids"] == config["category_ids"]
@@ -171,16 +194,18 @@ def test_raw_export_equals_the_model(data, detector, exported, tmp_path):
     model, config = detector
     report = export_detector(model, config, tmp_path / "raw.onnx", raw=True)
     _, x = _batch(data[0], config)
+    pixels = _pixels(data[0], config)
     session = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == list(RAW_OUTPUTS)
     with torch.inference_mode():
         for i in range(3):  # a static batch of one
             expected = model(x[i:i + 1])
-            got = session.run(None, {"input": x[i:i + 1].numpy()})
+            got = session.run(None, {PIXELS_NAME: pixels[i:i + 1]})
             for e, g in zip(expected, got, strict=True):
                 assert g.shape == e.shape and np.abs(g - e.numpy()).max() <= 1e-4 * max(1, np.abs(e.numpy()).max())
-    ops = {n.op_type for n in onnx.load(str(report.path)).graph.node}
-    assert "NonMaxSuppression" not in ops and "BatchNormalization" not in ops
+    graph = onnx.load(str(report.path))
+    assert "NonMaxSuppression" not in {n.op_type for n in graph.graph.node}
+    assert _pixel_ops(graph) == ["Transpose", "Cast", "BatchNormalization"]
     # a raw file still predicts: the predictor runs the post-processing on its heads
     raw, full = (DetectionPredictor.from_onnx(p) for p in (report.path, exported.path))
     images = _images(data[0])[:3]
@@ -275,6 +300,8 @@ def test_int8_export_reports_fp32_and_int8_ap(data, detector, run_dir, tmp_path)
     post = [n for n in graph.graph.node if n.name.startswith("post/")]
     assert "NonMaxSuppression" in {n.op_type for n in post}
     assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in post)  # NMS stays fp32
+    assert _pixel_ops(graph) == ["Transpose", "Cast", "BatchNormalization"]  # so does the normalisation
+    assert graph.graph.input[0].name == PIXELS_NAME
     assert any(n.op_type == "QuantizeLinear" for n in graph.graph.node)
     meta = {e.key: json.loads(e.value) for e in graph.metadata_props}
     assert meta["mnv2.int8"]["ap"]["fp32"]["AP"] == ap["fp32"]["AP"]
@@ -298,8 +325,40 @@ def test_dynamic_batch_graph_detects_each_image_as_alone(data, detector, exporte
     model, config = detector
     dynamic = export_detector(model, config, tmp_path / "dyn.onnx", dynamic_batch=True)
     assert dynamic.check.detections > 0  # the check ran the post-processing at batch 1 and 3
-    _, x = _batch(data[0], config)
-    batched = ort.InferenceSession(str(dynamic.path)).run(None, {"input": x.numpy()})
-    single = ort.InferenceSession(str(exported.path))
-    alone = [np.concatenate(o) for o in zip(*(single.run(None, {"input": x[i:i + 1].numpy()}) for i in range(10)))]
+    pixels = _pixels(data[0], config)
+    batched = ort.InferenceSession(str(dynamic.path)).run(None, {PIXELS_NAME: pixels})
+    alone = _run(ort.InferenceSession(str(exported.path)), pixels)
     compare_detections(alone, batched, 1e-4, "batch of 10 vs one by one")
+
+
+def test_pixels_are_the_eval_presets_resize_and_the_graph_normalises_them_as_it_does(data, detector, exported):
+    _, config = detector
+    spec, x = _batch(data[0], config)
+    pixels = _pixels(data[0], config)
+    assert pixels.dtype == np.uint8 and pixels.shape == (10, RES, RES, 3)
+    # the eval preset is this resize, then to float and normalised (torchvision's ToDtype + Normalize)
+    mean, std = torch.tensor(spec.preprocess.mean), torch.tensor(spec.preprocess.std)
+    by_hand = (torch.from_numpy(pixels).float() / 255 - mean) / std
+    assert torch.allclose(by_hand.permute(0, 3, 1, 2), x, atol=1e-6)
+    # the graph's own first part does the same
+    parts = split_detection_graph(onnx.load(str(exported.path)))
+    normalised = _run(ort.InferenceSession(parts.pixels.SerializeToString()), pixels)[0]
+    assert np.abs(normalised - x.numpy()).max() <= 1e-5 and exported.check.max_pixel_diff <= 1e-5
+
+
+def test_a_graph_exported_before_the_pixel_input_still_predicts(data, exported, tmp_path):
+    """Input "input", the normalised float batch [N, 3, R, R]: the predictor feeds what the graph takes."""
+    graph = onnx.load(str(exported.path))
+    parts = split_detection_graph(graph)
+    old = join_detection_parts(parts._replace(pixels=None))
+    old.metadata_props.extend(graph.metadata_props)
+    onnx.save(old, str(tmp_path / "old.onnx"))
+    assert old.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    images = _images(data[0])[:4]
+    predictors = [DetectionPredictor.from_onnx(p) for p in (tmp_path / "old.onnx", exported.path)]
+    assert [p.backend.input_dtype for p in predictors] == [np.float32, np.uint8]
+    before, now = (p.predict(images) for p in predictors)
+    assert [len(d) for d in before] == [len(d) for d in now] and sum(map(len, now)) > 0
+    for a, b in zip((d for ds in before for d in ds), (d for ds in now for d in ds)):
+        assert a.label == b.label and np.abs(np.subtract(a.box, b.box)).max() <= 1e-3
+        assert abs(a.score - b.score) <= 1e-5

@@ -2,12 +2,13 @@
 same process, on the same image, with the same thread count, the runners taking turns (`latency.time_runners`).
 
 End to end means what a caller waits for: a 640x480 uint8 image in, boxes in its pixels out. Ours is
-`DetectionPredictor.predict_images` (resize to the square input + normalise, the network, decode + per-class NMS +
-the best 100, scaled back to the image); torchvision's is its model in eval mode (GeneralizedRCNNTransform, the
-network, its postprocess_detections with batched NMS, scaled back). The network alone of each backend but eager
+`DetectionPredictor.predict_images` (resize to the square input, normalise -- in the graph on the ONNX backends --,
+the network, decode + per-class NMS + the best 100, scaled back to the image); torchvision's is its model in eval
+mode (GeneralizedRCNNTransform, the network, its postprocess_detections with batched NMS, scaled back). The network alone of each backend but eager
 torch is timed in the same rounds, the fp32 ones set against the machine's compute floor (its best fp32
 matrix-multiply rate, measured in the same run: `mnv2.bench.floor`), and so are the stages around it (`STAGES`: the
-preprocessing, and decode + NMS on the torch backends).
+preprocessing -- the ONNX backends' graphs take the resized uint8 pixels and normalise them themselves, the torch
+backends take the normalised batch -- and decode + NMS on the torch backends).
 
 Random weights make NMS degenerate -- every score equal, or none above a threshold -- so both detectors are set up
 to give NMS the same, realistic amount of work on the bench image:
@@ -47,7 +48,8 @@ NMS_BOXES = 1000  # boxes entering NMS per image, for both detectors (on the ben
 SPREAD = 2.0  # standard deviation of a class logit across the anchors of the image, after scaling the heads
 IMAGE_SIZE = (640, 480)  # (width, height) of the bench image: a camera frame, resized by both pipelines
 FP32_BACKENDS = ("torch-fast", "onnxruntime", "openvino")
-STAGES = ("preprocess (stage)", "decode + NMS, torch (stage)")
+STAGES = ("resize to uint8, ONNX backends (stage)", "resize + normalise, torch backends (stage)",
+          "decode + NMS, torch (stage)")
 TORCH_NMS = ", NMS in torch"  # the suffix of an ONNX backend's row whose post-processing runs outside the graph
 TV_CANDIDATES = 300  # torchvision SSD's topk_candidates (per class)
 OUR_CANDIDATES = 100  # select_detections' candidates_per_class
@@ -214,15 +216,17 @@ def torchvision_runner(ssd: nn.Module):
 # --- the benchmark ---------------------------------------------------------------------------------------------------
 
 def build_runners(model: nn.Module, config: dict, backends: list[str], threads: int, calib: list,
-                  x: np.ndarray) -> dict:
+                  image) -> dict:
     """{row name: callable(image)}: each backend end to end, the network alone of each fp32 and int8 backend but eager
-    torch (on the already preprocessed `x`), then the stages around the network alone (`STAGES`)."""
+    torch (on `image` already preprocessed: the graphs' uint8 pixels, torch-fast's normalised batch, their
+    normalisation then part of the network row), then the stages around the network alone (`STAGES`)."""
     from ..deploy.detect import DetectionPredictor
     from ..deploy.export_detection import DetectorSpec, detection_onnx
     from ..deploy.quantize import CalibrationReader
     from ..deploy.runtime import build_backend
 
     spec = DetectorSpec.from_config(config, model.num_classes)
+    x, pixels = spec.preprocess([image]).numpy(), spec.preprocess.pixels([image])
     cache = {}
 
     def graph(raw: bool = False):
@@ -246,14 +250,16 @@ def build_runners(model: nn.Module, config: dict, backends: list[str], threads: 
                 calibration = (lambda: CalibrationReader.from_images(calib, spec.preprocess)) if name.endswith(
                     "-int8") else None
                 net = build_backend(name, model, spec.resolution, threads, calibration, lambda: graph(raw=True))
-                runners[f"{name} (network)"] = lambda _image, net=net: net.outputs(x)
-    # the fixed stages around the network, alone: DetectionPredictor's preprocessing, and the torch backends'
-    # decode + per-class NMS (the ONNX backends run the same function inside their graph)
+                feed = pixels if net.input_dtype == np.uint8 else x
+                runners[f"{name} (network)"] = lambda _image, net=net, feed=feed: net.outputs(feed)
+    # the fixed stages around the network, alone: DetectionPredictor's preprocessing for either kind of backend, and
+    # the torch backends' decode + per-class NMS (the ONNX backends run the same function inside their graph)
     with torch.inference_mode():
         heads = model(torch.from_numpy(x))
     anchors = spec.anchors()
-    runners[STAGES[0]] = lambda image: spec.preprocess([image])
-    runners[STAGES[1]] = lambda _image: spec.select(*heads, anchors)
+    runners[STAGES[0]] = lambda image: spec.preprocess.pixels([image])
+    runners[STAGES[1]] = lambda image: spec.preprocess([image])
+    runners[STAGES[2]] = lambda _image: spec.select(*heads, anchors)
     return runners
 
 
@@ -295,7 +301,7 @@ def measure(width: float = 1.0, resolution: int = 320, threads: int = 2, backend
     with torch.inference_mode():
         tv_logits = _TvNetwork(peer)(peer.transform([_to_tensor(image)])[0].tensors)[0]
     runners = {BASELINE: torchvision_runner(peer)}
-    runners.update(build_runners(model, config, backends, threads, calib, x.numpy()))
+    runners.update(build_runners(model, config, backends, threads, calib, image))
     detections = {name: len(run(image)[0]) for name, run in runners.items()
                   if name != BASELINE and _kind(name) == "end-to-end"}
     detections[BASELINE] = len(runners[BASELINE](image)["boxes"])

@@ -24,7 +24,8 @@ def run_detector(args, model, config: dict, out: Path, calib_images: list | None
         report = export_detector(model, config, out, args.dynamic_batch, args.opset, args.raw)
         _print(args, _summary(report), f"wrote {out} ({report.size_bytes / 1e6:.1f} MB, opset {report.opset}, "
                f"{report.resolution}x{report.resolution}, batch {'dynamic' if report.dynamic_batch else 1}, "
-               f"{'raw heads' if report.raw else 'decode + NMS in the graph'}); onnxruntime matches PyTorch: heads to "
+               f"{'raw heads' if report.raw else 'decode + NMS in the graph'}, uint8 pixels in); onnxruntime matches "
+               f"PyTorch: normalisation to {report.check.max_pixel_diff:.2g}, heads to "
                f"{report.check.max_abs_diff:.2g}" + ("" if report.raw else
                f", {report.check.detections} probe detections (boxes to {report.check.max_box_diff:.2g}, "
                f"scores to {report.check.max_score_diff:.2g})"))
@@ -83,7 +84,8 @@ def _summary(report) -> dict:
     c = report.check
     return {"out": str(report.path), "resolution": report.resolution, "opset": report.opset,
             "dynamic_batch": report.dynamic_batch, "raw": report.raw, "size_bytes": report.size_bytes,
-            "max_abs_diff": c.max_abs_diff, "max_abs_output": c.max_abs_output, "max_box_diff": c.max_box_diff,
+            "max_abs_diff": c.max_abs_diff, "max_abs_output": c.max_abs_output, "max_pixel_diff": c.max_pixel_diff,
+            "max_box_diff": c.max_box_diff,
             "max_score_diff": c.max_score_diff, "probe_detections": c.detections}
 
 

@@ -113,9 +113,14 @@ def detection_train_preset(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, hfli
     return v2.Compose(steps)
 
 
+def detection_resize(size: int) -> v2.Resize:
+    """The evaluation resize: the whole uint8 image to `size` x `size` (as in training), aspect not kept."""
+    return v2.Resize((size, size), antialias=True)
+
+
 def detection_eval_preset(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
     """The whole image resized to `size` x `size` (as in training), normalised. Deterministic."""
-    return v2.Compose([v2.Resize((size, size), antialias=True), *to_float_steps(mean, std)])
+    return v2.Compose([detection_resize(size), *to_float_steps(mean, std)])
 
 
 def detection_collate(batch):

@@ -1,8 +1,8 @@
 """`DetectionPredictor`: images in, boxes in original-image pixels with class names and scores out, and drawn.
 
 The shared `Predictor` (load -> preprocess -> run on any backend -> postprocess) with a detector's last step. The
-same preprocessing as evaluation (the whole image resized to the detector's square input, normalised; the settings
-travel with the weights) and the same post-processing function as evaluation (mnv2.detection.select_detections:
+same preprocessing as evaluation (the whole image resized to the detector's square input, normalised -- in the graph,
+on the ONNX backends; the settings travel with the weights) and the same post-processing function as evaluation (mnv2.detection.select_detections:
 decode, per-class NMS, at most 100 boxes), so what `predict` shows is what `eval` scores. On the torch backends it
 runs on the model's two heads; an exported graph (mnv2.deploy.export_detection) runs it itself, and a --raw graph
 gives the heads again.
@@ -84,6 +84,15 @@ class DetectionPredictor(Predictor):
         return cls(onnx_runner(path, proto, name, threads), name, spec, batch_size, fixed_batch=batch)
 
     # the steps ---------------------------------------------------------------------------------------------------
+    def load(self, images: Sequence) -> np.ndarray:
+        """Images -> the backend's input: an exported graph's uint8 pixels [N, R, R, 3] (it normalises them
+        itself), or the normalised float batch [N, 3, R, R] (the torch backends, graphs exported before the pixel
+        input)."""
+        if self.backend.input_dtype != np.uint8:
+            return super().load(images)
+        with self.beside_runtime():
+            return self.spec.preprocess.pixels(list(images))
+
     def postprocess(self, outputs: list[np.ndarray], image_sizes: list[tuple[int, int]],
                     score_threshold: float | None = None) -> list[list[Detection]]:
         """The backend's outputs -- the two heads, or the graph's (boxes, scores, labels, count) -- to each image's

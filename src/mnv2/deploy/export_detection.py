@@ -1,6 +1,11 @@
-"""A detector as one ONNX file: the network, then decode + per-class NMS + the best K detections in the graph.
+"""A detector as one ONNX file: the image's pixels in, the network, then decode + per-class NMS + the best K
+detections in the graph.
 
-The graph is built from two dynamo exports joined at the heads: the BN-folded network (input [N, 3, R, R] ->
+The input "image" is uint8 [N, R, R, 3]: RGB pixels already resized to the detector's square input
+(`Preprocess.pixels`, the eval preset's resize), as TF Lite's SSD detectors take them. The graph normalises them
+itself (`pixels_onnx`: the eval preset's mean and std), which costs the runtimes next to nothing where the same
+work in PyTorch before the call took ~0.4 ms of a ~7 ms int8 detection, and hands them a quarter of the bytes.
+Then two dynamo exports joined at the heads: the BN-folded network ("input" [N, 3, R, R] float ->
 "cls_logits" [N, A, C + 1], "box_deltas" [N, A, 4]) and `mnv2.detection.select_detections` itself, the function
 eval and predict use, whose NMS custom op becomes ONNX NonMaxSuppression (one batch per image and class, so the
 per-class NMS is exact). Outputs, per image, fixed-shape so every runtime can batch them (K = max_detections):
@@ -11,9 +16,10 @@ per-class NMS is exact). Outputs, per image, fixed-shape so every runtime can ba
   labels [N, K] int64     1..C (category_ids[label - 1] is the dataset's id); zero (background) from `count` on
   count  [N] int64        detections of each image
 
-The heads keep their names inside the graph, so int8 quantises the network part alone and NMS stays fp32
-(`split_detection_graph`). With raw=True only the network is exported, its two heads the outputs.
-Before the file is written, onnxruntime runs each half and the whole on PyTorch's inputs and must agree with PyTorch.
+The normalised input and the heads keep their names inside the graph, so int8 quantises the network part alone and
+normalisation and NMS stay fp32 (`split_detection_graph`). With raw=True the network's two heads are the outputs.
+Before the file is written, onnxruntime runs each part and the whole on PyTorch's inputs and must agree with PyTorch.
+Graphs written before the pixel input (input "input", the normalised float batch) still load and run.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +52,7 @@ from .export import (
 )
 from .preprocess import Preprocess, dumps
 
+PIXELS_NAME = "image"  # the graph's input: uint8 [N, R, R, 3]
 RAW_OUTPUTS = ("cls_logits", "box_deltas")
 DETECTION_OUTPUTS = ("boxes", "scores", "labels", "count")
 _POST_PREFIX = "post/"
@@ -155,6 +163,73 @@ def _postprocess_onnx(spec: DetectorSpec, num_anchors: int, dynamic_batch: bool,
     return program.model_proto
 
 
+def pixels_onnx(preprocess: Preprocess, dynamic_batch: bool, like):
+    """The graph's first part: "image" uint8 [N, R, R, 3] -> "input" float [N, 3, R, R], normalised as the eval
+    preset normalises (to float32 rounding): Transpose, Cast, and one BatchNormalization whose statistics are the
+    preset's mean and std in pixel units -- an exact per-channel (x - mean) / std. Written as Sub + Mul instead, it
+    cost onnxruntime's int8 graph ~1 ms more per call (its broadcasting kernels; BatchNormalization: ~0.1 ms);
+    OpenVINO runs either in the time of the float input. IR version and opsets are those of `like`, to join it."""
+    onnx = optional_import("onnx", "export", "ONNX export")
+    from onnx import TensorProto, helper, numpy_helper
+
+    r, batch = preprocess.resolution, "batch" if dynamic_batch else 1
+    mean = np.asarray(preprocess.mean, np.float32) * 255
+    var = (np.asarray(preprocess.std, np.float32) * 255) ** 2
+    constants = {"pixels/scale": np.ones(3, np.float32), "pixels/bias": np.zeros(3, np.float32),
+                 "pixels/mean": mean, "pixels/var": var}
+    nodes = [helper.make_node("Transpose", [PIXELS_NAME], ["pixels/nchw"], "pixels/transpose", perm=[0, 3, 1, 2]),
+             helper.make_node("Cast", ["pixels/nchw"], ["pixels/float"], "pixels/cast", to=TensorProto.FLOAT),
+             helper.make_node("BatchNormalization", ["pixels/float", *constants], [INPUT_NAME], "pixels/normalise",
+                              epsilon=0.0)]
+    graph = helper.make_graph(nodes, "pixels",
+                              [helper.make_tensor_value_info(PIXELS_NAME, TensorProto.UINT8, [batch, r, r, 3])],
+                              [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [batch, 3, r, r])],
+                              [numpy_helper.from_array(v, k) for k, v in constants.items()])
+    model = helper.make_model(graph, opset_imports=list(like.opset_import), ir_version=like.ir_version)
+    onnx.checker.check_model(model)
+    return model
+
+
+class DetectionParts(NamedTuple):
+    """A detection graph cut at its named tensors: pixels ("image" -> "input"; None in a graph that takes the
+    normalised batch), network ("input" -> the heads) and post-processing (the heads -> detections; None: raw)."""
+
+    pixels: object | None
+    network: object
+    post: object | None
+
+
+def split_detection_graph(proto) -> DetectionParts:
+    """The parts of a joined detection graph (mnv2's, with or without post-processing or the pixel input)."""
+    onnx = optional_import("onnx", "export", "ONNX export")
+    extractor = onnx.utils.Extractor(proto)
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [i.name for i in proto.graph.input if i.name not in initializers]
+    return DetectionParts(
+        extractor.extract_model([PIXELS_NAME], [INPUT_NAME]) if inputs == [PIXELS_NAME] else None,
+        extractor.extract_model([INPUT_NAME], list(RAW_OUTPUTS)),
+        extractor.extract_model(list(RAW_OUTPUTS), list(DETECTION_OUTPUTS))
+        if graph_outputs(proto) == DETECTION_OUTPUTS else None)
+
+
+def join_detection_parts(parts: DetectionParts):
+    """One ModelProto from `parts` (e.g. after the network was quantised), without metadata."""
+    onnx = optional_import("onnx", "export", "ONNX export")
+    proto = parts.network if parts.post is None else join_detection_graph(parts.network, parts.post)
+    if parts.pixels is not None:
+        proto = onnx.compose.merge_models(parts.pixels, proto, io_map=[(INPUT_NAME, INPUT_NAME)])
+        _dedupe_opsets(proto)
+    del proto.metadata_props[:]
+    return proto
+
+
+def _dedupe_opsets(proto) -> None:
+    imports = list(dict.fromkeys((o.domain, o.version) for o in proto.opset_import))  # merge_models repeats them
+    del proto.opset_import[:]
+    for domain, version in imports:
+        proto.opset_import.add(domain=domain, version=version)
+
+
 def join_detection_graph(network, post):
     """One ModelProto: `network`'s heads feed `post` (whose names are prefixed, its outputs keep theirs)."""
     onnx = optional_import("onnx", "export", "ONNX export")
@@ -164,20 +239,9 @@ def join_detection_graph(network, post):
         node.output[:] = [renames.get(o, o) for o in node.output]
     for out in joined.graph.output:
         out.name = renames.get(out.name, out.name)
-    imports = list(dict.fromkeys((o.domain, o.version) for o in joined.opset_import))  # merge_models repeats them
-    del joined.opset_import[:]
-    for domain, version in imports:
-        joined.opset_import.add(domain=domain, version=version)
+    _dedupe_opsets(joined)
     del joined.metadata_props[:]
     return joined
-
-
-def split_detection_graph(proto):
-    """(network, post-processing) halves of a joined detection graph, cut at the heads."""
-    onnx = optional_import("onnx", "export", "ONNX export")
-    extractor = onnx.utils.Extractor(proto)
-    return (extractor.extract_model([INPUT_NAME], list(RAW_OUTPUTS)),
-            extractor.extract_model(list(RAW_OUTPUTS), list(DETECTION_OUTPUTS)))
 
 
 def graph_outputs(proto) -> tuple[str, ...]:
@@ -186,14 +250,12 @@ def graph_outputs(proto) -> tuple[str, ...]:
 
 def detection_onnx(model: nn.Module, config: dict, spec: DetectorSpec, dynamic_batch: bool = True,
                    opset: int = DEFAULT_OPSET, raw: bool = False):
-    """The detector as an onnx.ModelProto with metadata: the raw heads (raw=True) or heads + post-processing."""
+    """The detector as an onnx.ModelProto with metadata: uint8 pixels in, the raw heads (raw=True) or detections
+    out."""
     onnx = optional_import("onnx", "export", "ONNX export")
     network = to_onnx(model, spec.resolution, dynamic_batch, opset, output_names=RAW_OUTPUTS)
-    if raw:
-        proto = network
-    else:
-        num_anchors = len(spec.anchors())
-        proto = join_detection_graph(network, _postprocess_onnx(spec, num_anchors, dynamic_batch, opset))
+    post = None if raw else _postprocess_onnx(spec, len(spec.anchors()), dynamic_batch, opset)
+    proto = join_detection_parts(DetectionParts(pixels_onnx(spec.preprocess, dynamic_batch, network), network, post))
     set_metadata(proto, spec.metadata(config, graph_outputs(proto)))
     onnx.checker.check_model(proto)
     return proto
@@ -203,11 +265,13 @@ def detection_onnx(model: nn.Module, config: dict, spec: DetectorSpec, dynamic_b
 
 @dataclass
 class DetectionCheck:
-    """How closely onnxruntime reproduces PyTorch: heads (largest |difference| and |value|), and detections (largest
-    box difference in input-normalised units, largest score difference) over `detections` detections."""
+    """How closely onnxruntime reproduces PyTorch: heads (largest |difference| and |value|), the normalised input
+    (largest difference from the eval preset's), and detections (largest box difference in input-normalised units,
+    largest score difference) over `detections` detections."""
 
     max_abs_diff: float
     max_abs_output: float
+    max_pixel_diff: float = 0.0
     max_box_diff: float = 0.0
     max_score_diff: float = 0.0
     detections: int = 0
@@ -231,37 +295,53 @@ def compare_detections(expected, got, atol: float, what: str) -> tuple[float, fl
 @torch.inference_mode()
 def check_detection_graph(model: nn.Module, spec: DetectorSpec, onnx_model: bytes, batches=(1,),
                           atol: float = 1e-4) -> DetectionCheck:
-    """onnxruntime against PyTorch: the network's heads within `atol` (relative) on seeded random images; the post-processing
-    half gives `select_detections`' detections (same counts and labels, boxes and scores within `atol`) on probe
-    heads (`probe_heads`); and the whole graph gives what its two halves give in turn. A UserError if not."""
+    """onnxruntime against PyTorch, part by part (`split_detection_graph`): the network's heads within `atol`
+    (relative) on seeded random images; the pixel part gives the eval preset's normalised batch (within `atol`) on
+    random pixels; the post-processing part gives `select_detections`' detections (same counts and labels, boxes
+    and scores within `atol`) on probe heads (`probe_heads`); and the whole graph gives exactly what its parts give
+    in turn. A UserError if not."""
     onnx = optional_import("onnx", "export", "checking the exported graph")
     ort = optional_import("onnxruntime", "export", "checking the exported graph")
-    proto = onnx.load_from_string(onnx_model)
-    raw = graph_outputs(proto) == RAW_OUTPUTS
-    network, post = (onnx_model, None) if raw else (p.SerializeToString() for p in split_detection_graph(proto))
-    worst, scale = max_difference(model, network, spec.resolution, batches)
+    from torchvision.transforms import v2
+
+    from ..data.transforms import to_float_steps
+
+    parts = split_detection_graph(onnx.load_from_string(onnx_model))
+    data = {name: part.SerializeToString() for name, part in parts._asdict().items() if part is not None}
+    worst, scale = max_difference(model, data["network"], spec.resolution, batches)
     # Relative to the heads' scale: float32 convolutions err in proportion to their values, and class logits of a
     # confident detector on noise reach 50 and more (a classifier's check stays absolute, mnv2.deploy.export).
     if not worst <= atol * max(1.0, scale):
         raise UserError(f"exported network differs from PyTorch by {worst:.3g} (> {atol:g} x largest |output| "
                         f"{scale:.3g})")
     check = DetectionCheck(worst, scale)
-    if raw:
-        return check
-    session = {name: ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-               for name, data in (("network", network), ("post", post), ("whole", onnx_model))}
+    session = {name: ort.InferenceSession(d, providers=["CPUExecutionProvider"])
+               for name, d in {**data, "whole": onnx_model}.items()}
+    normalise = v2.Compose(to_float_steps(spec.preprocess.mean, spec.preprocess.std))
     g = torch.Generator().manual_seed(1)
+    r = spec.resolution
     for b in batches:
-        heads = probe_heads(spec, b, g)
-        feed = {name: t.numpy() for name, t in zip(RAW_OUTPUTS, heads)}
-        box_diff, score_diff, n = compare_detections(spec.select(*heads), session["post"].run(None, feed), atol,
-                                                     "exported post-processing")
-        check.max_box_diff = max(check.max_box_diff, box_diff)
-        check.max_score_diff = max(check.max_score_diff, score_diff)
-        check.detections += n
-        x = {INPUT_NAME: torch.randn(b, 3, spec.resolution, spec.resolution, generator=g).numpy()}
-        ort_heads = dict(zip(RAW_OUTPUTS, session["network"].run(None, x)))
-        compare_detections(session["post"].run(None, ort_heads), session["whole"].run(None, x), 0.0, "exported graph")
+        if parts.post is not None:
+            heads = probe_heads(spec, b, g)
+            feed = {name: t.numpy() for name, t in zip(RAW_OUTPUTS, heads)}
+            box_diff, score_diff, n = compare_detections(spec.select(*heads), session["post"].run(None, feed), atol,
+                                                         "exported post-processing")
+            check.max_box_diff = max(check.max_box_diff, box_diff)
+            check.max_score_diff = max(check.max_score_diff, score_diff)
+            check.detections += n
+        pixels = torch.randint(0, 256, (b, r, r, 3), dtype=torch.uint8, generator=g)
+        x = session["pixels"].run(None, {PIXELS_NAME: pixels.numpy()})[0]
+        diff = float(np.abs(x - normalise(pixels.permute(0, 3, 1, 2)).numpy()).max())
+        if not diff <= atol:
+            raise UserError(f"exported normalisation differs from the eval preset's by {diff:.3g} (> {atol:g})")
+        check.max_pixel_diff = max(check.max_pixel_diff, diff)
+        heads = session["network"].run(None, {INPUT_NAME: x})
+        whole = session["whole"].run(None, {PIXELS_NAME: pixels.numpy()})
+        if parts.post is not None:
+            compare_detections(session["post"].run(None, dict(zip(RAW_OUTPUTS, heads))), whole, 0.0,
+                               "exported graph")
+        elif not all(np.array_equal(a, b) for a, b in zip(heads, whole)):
+            raise UserError("exported graph: its heads differ from its network part's")
     return check
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -43,6 +44,7 @@ class Preprocess:
     interpolation: str = "bilinear"
     resize: str = "crop"
     _transform: object = field(default=None, init=False, repr=False, compare=False)
+    _pixels: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.resolution < 16:
@@ -61,9 +63,11 @@ class Preprocess:
         if self.resize == "stretch":
             from torchvision.transforms import v2
 
-            from ..data.detection_transforms import detection_eval_preset
+            from ..data.detection_transforms import detection_eval_preset, detection_resize
             # on the uint8 tensor, as CocoDetection hands it to the preset in evaluation (PIL's resize differs)
             transform = v2.Compose([v2.PILToTensor(), detection_eval_preset(self.resolution, self.mean, self.std)])
+            # the same resize alone, for the graphs that normalise in themselves (`pixels`)
+            object.__setattr__(self, "_pixels", v2.Compose([v2.PILToTensor(), detection_resize(self.resolution)]))
         elif self.resize == "none":
             from torchvision.transforms import v2
 
@@ -95,6 +99,13 @@ class Preprocess:
         if len({tuple(t.shape) for t in tensors}) > 1:
             raise UserError("images of different sizes cannot share a batch without a resize; batch them by size")
         return torch.stack(tensors)
+
+    def pixels(self, images: list) -> np.ndarray:
+        """uint8 [N, R, R, 3]: the images resized as `__call__` resizes them, not normalised -- the input of an
+        exported detector, which normalises in its graph (mnv2.deploy.export_detection). Resize "stretch" only."""
+        if self._pixels is None:
+            raise UserError(f"resize {self.resize!r}: only a detector's stretched resize has a uint8 graph input")
+        return torch.stack([self._pixels(load_image(im)).permute(1, 2, 0) for im in images]).numpy()
 
 
 def _plain_tensor(t: torch.Tensor) -> torch.Tensor:

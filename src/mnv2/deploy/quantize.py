@@ -25,7 +25,7 @@ from ..choices import CALIBRATION_METHODS, DEFAULT_METHOD
 from ..errors import UserError
 from ..progress import progress_bar
 from .export import INPUT_NAME, META_INT8, optional_import
-from .export_detection import DETECTION_OUTPUTS, graph_outputs, join_detection_graph, split_detection_graph
+from .export_detection import DETECTION_OUTPUTS, RAW_OUTPUTS, graph_outputs, join_detection_parts, split_detection_graph
 from .preprocess import Preprocess, dumps
 
 
@@ -90,8 +90,9 @@ def quantize_int8(fp32_model: bytes | str | Path, out: str | Path,
                   reader: CalibrationReader | PerImageCalibrationReader,
                   method: str = DEFAULT_METHOD, info: dict | None = None) -> Path:
     """Write the int8 QDQ version of an fp32 ONNX model to `out` (atomically); metadata_props are kept and `info`
-    (e.g. calibration count, agreement) is stored under "mnv2.int8". Of a detection graph with post-processing
-    (mnv2.deploy.export_detection) only the network is quantised: decoding and NMS stay fp32."""
+    (e.g. calibration count, agreement) is stored under "mnv2.int8". Of a detection graph (mnv2.deploy.export_detection)
+    only the network is quantised, calibrated on the normalised batches `reader` gives: the pixel input's
+    normalisation, decoding and NMS stay fp32."""
     onnx = optional_import("onnx", "export", "int8 quantisation")
     q = optional_import("onnxruntime.quantization", "export", "int8 quantisation")
     if method not in CALIBRATION_METHODS:
@@ -106,10 +107,10 @@ def quantize_int8(fp32_model: bytes | str | Path, out: str | Path,
         else:
             src.write_bytes(Path(fp32_model).read_bytes())
         original = onnx.load(str(src))
-        post = None
-        if graph_outputs(original) == DETECTION_OUTPUTS:
-            network, post = split_detection_graph(original)
-            onnx.save(network, str(src))
+        parts = None
+        if graph_outputs(original) in (DETECTION_OUTPUTS, RAW_OUTPUTS):
+            parts = split_detection_graph(original)
+            onnx.save(parts.network, str(src))
         pre = Path(work) / "pre.onnx"
         # Shape inference + graph optimisation first, so every tensor has a known shape and Conv+Clip pairs are
         # fused before QDQ nodes are placed (onnxruntime's recommended preparation). With free height and width
@@ -132,8 +133,8 @@ def quantize_int8(fp32_model: bytes | str | Path, out: str | Path,
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise UserError(f"int8 calibration ({method}) failed: {first}; try another --calib-method") from None
         model = onnx.load(str(quantized))
-        if post is not None:
-            model = join_detection_graph(model, post)
+        if parts is not None:
+            model = join_detection_parts(parts._replace(network=model))
         del model.metadata_props[:]
         for entry in original.metadata_props:
             model.metadata_props.add(key=entry.key, value=entry.value)

@@ -1,7 +1,8 @@
 """Inference backends behind one interface, and `Predictor`: images in, top-k (label, name, probability) out.
 
-Backends (all take a float32 NCHW batch; `outputs(x)` returns every output of the model, calling one returns the
-first, a classifier's logits; a detector's outputs are turned into boxes by mnv2.deploy.detect, a segmentation
+Backends (all take a float32 NCHW batch, but an exported detector's graph, which takes uint8 pixels [N, R, R, 3]:
+`input_dtype` says which; `outputs(x)` returns every output of the model, calling one returns the first, a
+classifier's logits; a detector's outputs are turned into boxes by mnv2.deploy.detect, a segmentation
 model's per-pixel logits into masks by mnv2.deploy.segment):
   torch            eager PyTorch, the reference.
   torch-fast       BN folded (section 3: conv + BN become one conv), channels_last, still eager; a MobileNetV2 runs
@@ -47,7 +48,7 @@ from .export import (
     read_metadata,
     to_onnx,
 )
-from .export_detection import DETECTION_OUTPUTS, RAW_OUTPUTS
+from .export_detection import DETECTION_OUTPUTS, PIXELS_NAME, RAW_OUTPUTS
 from .fold import fold_bn
 from .preprocess import Preprocess, resolve_class_names
 
@@ -86,6 +87,8 @@ def _check_backend(name: str) -> None:
 # --- backends: callables numpy [N, 3, H, W] float32 -> numpy logits [N, C]; outputs(x) -> every output ------------
 
 class TorchBackend:
+    input_dtype = np.dtype(np.float32)
+
     def __init__(self, model: nn.Module, threads: int | None = None, channels_last: bool = False,
                  compile: bool = False):
         if threads is not None:
@@ -119,10 +122,12 @@ class OnnxRuntimeBackend:
         except Exception as e:  # noqa: BLE001 -- onnxruntime's errors (Fail, InvalidGraph, InvalidProtobuf,
             # NoSuchFile, ...) are pybind11 classes deriving from Exception itself: no narrower base catches them all
             raise UserError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
-        self.input_name = self.session.get_inputs()[0].name
+        first = self.session.get_inputs()[0]
+        self.input_name = first.name
+        self.input_dtype = np.dtype(np.uint8 if first.type == "tensor(uint8)" else np.float32)
 
     def outputs(self, x: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=self.input_dtype)})
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.outputs(x)[0]
@@ -158,6 +163,7 @@ class OpenVinoBackend:
             except RuntimeError as e:  # OpenVINO's C++ exceptions arrive as RuntimeError
                 raise UserError(f"OpenVINO cannot load the model: {str(e).splitlines()[0]}") from None
         self.requests: OrderedDict[tuple[int, ...], object] = OrderedDict()
+        self.input_dtype = np.dtype(np.uint8 if self.model.inputs[0].get_element_type() == ov.Type.u8 else np.float32)
         dims = list(self.model.inputs[0].get_partial_shape())
         self.dynamic_request = None
         if len(dims) == 4 and any(d.is_dynamic for d in dims[2:]):  # free height and width: one dynamic compile
@@ -186,7 +192,7 @@ class OpenVinoBackend:
         return request
 
     def outputs(self, x: np.ndarray) -> list[np.ndarray]:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = np.ascontiguousarray(x, dtype=self.input_dtype)
         # share_inputs: OpenVINO reads the caller's array instead of copying it (~0.1 ms of a 1.5 ms int8 call);
         # share_outputs: its output buffer is reused by the next call, so the outputs are copied out.
         request = self.dynamic_request if self.dynamic_request is not None else self._request(x.shape)
@@ -456,8 +462,13 @@ def _metadata(path: Path, proto) -> dict:
 
 
 def _inspect_detector(path: Path, proto, image_input):
+    """As inspect_onnx; a detector takes uint8 pixels [N, H, W, 3] (or, exported before them, [N, 3, H, W])."""
     shape_in, meta = _dims(image_input), _metadata(path, proto)
-    if len(shape_in) != 4 or shape_in[1] != 3:
+    if image_input.name == PIXELS_NAME:
+        if len(shape_in) != 4 or shape_in[3] != 3:
+            raise UserError(f"{path}: input shape {shape_in} is not a batch of RGB pixels [N, H, W, 3]")
+        shape_in = [shape_in[0], 3, *shape_in[1:3]]
+    elif len(shape_in) != 4 or shape_in[1] != 3:
         raise UserError(f"{path}: input shape {shape_in} is not an RGB image batch [N, 3, H, W]")
     if meta.get(META_TASK) != "detection" or not isinstance(meta.get(META_CLASSES), list):
         raise UserError(f"{path}: a detection graph without mnv2 detection metadata (task, class names); export it "
