@@ -4,11 +4,11 @@ same process, on the same image, with the same thread count, the runners taking 
 End to end means what a caller waits for: a 640x480 uint8 image in, boxes in its pixels out. Ours is
 `DetectionPredictor.predict_images` (resize to the square input, normalise -- in the graph on the ONNX backends --,
 the network, decode + per-class NMS + the best 100, scaled back to the image); torchvision's is its model in eval
-mode (GeneralizedRCNNTransform, the network, its postprocess_detections with batched NMS, scaled back). The network alone of each backend but eager
-torch is timed in the same rounds, the fp32 ones set against the machine's compute floor (its best fp32
-matrix-multiply rate, measured in the same run: `mnv2.bench.floor`), and so are the stages around it (`STAGES`: the
-preprocessing -- the ONNX backends' graphs take the resized uint8 pixels and normalise them themselves, the torch
-backends take the normalised batch -- and decode + NMS on the torch backends).
+mode (GeneralizedRCNNTransform, the network, its postprocess_detections with batched NMS, scaled back). The
+network alone of each backend but eager torch is timed in the same rounds, the fp32 ones set against the machine's
+compute floor (its best fp32 matrix-multiply rate, measured in the same run: `mnv2.bench.floor`), and so are the
+stages around it (`STAGES`: the preprocessing -- the ONNX backends' graphs take the resized uint8 pixels and
+normalise them themselves, the torch backends take the normalised batch -- and decode + NMS on the torch backends).
 
 Random weights make NMS degenerate -- every score equal, or none above a threshold -- so both detectors are set up
 to give NMS the same, realistic amount of work on the bench image:

@@ -1,9 +1,10 @@
 """`DetectionPredictor`: images in, boxes in original-image pixels with class names and scores out, and drawn.
 
 The shared `Predictor` (load -> preprocess -> run on any backend -> postprocess) with a detector's last step. The
-same preprocessing as evaluation (the whole image resized to the detector's square input, normalised -- in the graph,
-on the ONNX backends; the settings travel with the weights) and the same post-processing function as evaluation (mnv2.detection.select_detections:
-decode, per-class NMS, at most 100 boxes), so what `predict` shows is what `eval` scores. On the torch backends it
+same preprocessing as evaluation (the whole image resized to the detector's square input, normalised -- in the
+graph, on the ONNX backends; the settings travel with the weights) and the same post-processing function as
+evaluation (mnv2.detection.select_detections: decode, per-class NMS, at most 100 boxes), so what `predict` shows is
+what `eval` scores. On the torch backends it
 runs on the model's two heads; an exported graph (mnv2.deploy.export_detection) runs it itself, and a --raw graph
 gives the heads again.
 """
