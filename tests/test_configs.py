@@ -137,3 +137,9 @@ def test_overrides_and_unknown_keys(tmp_path):
         load_config(bad)
     with pytest.raises(UserError, match="unknown config key 'modle'"):
         load_config(None, ["modle.width=1"])
+
+
+def test_a_detector_refuses_label_smoothing_its_loss_does_not_have():
+    assert load_config(recipes_dir() / "demo_detection.yaml").train.label_smoothing == 0
+    with pytest.raises(UserError, match=r"'train.label_smoothing' is 0.1: the detection loss .* does not smooth"):
+        load_config(recipes_dir() / "demo_detection.yaml", ["train.label_smoothing=0.1"])

@@ -213,3 +213,19 @@ def test_bad_masks_stop_the_run_in_one_line_naming_the_file(tmp_path, damage):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count("\n") == 1 and str(path) in proc.stderr, proc.stderr
     assert not (run / "best.safetensors").exists()
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+def test_label_smoothing_smooths_every_labelled_pixel_and_ignores_the_rest(eps, tmp_path):
+    from mnv2.engine.tasks.segmentation import SegmentationTask
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8, generator=g)
+    masks = torch.randint(0, 4, (2, 8, 8), generator=g)
+    masks[0, :3] = 255  # VOC's "ignore" pixels
+    task = SegmentationTask(load_config(None, ["task=segmentation", f"train.label_smoothing={eps}"]), tmp_path)
+    loss = task.loss(lambda images: logits, (None, masks, None))
+    # by hand: per labelled pixel, (1 - eps) x the label's -log p + eps x the mean over classes of -log p
+    log_p = logits.log_softmax(1).permute(0, 2, 3, 1)[masks != 255]
+    labels = masks[masks != 255]
+    expected = ((1 - eps) * -log_p[torch.arange(len(labels)), labels] + eps * -log_p.mean(1)).mean()
+    assert torch.allclose(loss, expected, atol=1e-6)

@@ -110,7 +110,7 @@ class ScheduleConfig:
 class TrainConfig:
     epochs: int = 10
     batch_size: int = 96  # per process (the paper: 96 per GPU worker)
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # classifiers, and segmentation per pixel; a detector refuses it (validate)
     ema_decay: float = 0.0  # 0 = no EMA; TF-Slim used 0.9999 (per step)
     ema_warmup: bool = False  # TF's num_updates warm-up: the n-th update's decay is min(ema_decay, (1+n)/(10+n))
     seed: int = 0
@@ -279,6 +279,9 @@ def validate(cfg: Config, source: str | None = None) -> Config:
         low, high = _get(cfg, key)
         if low > high:
             raise UserError(f"{where}config key {key!r} is {[low, high]}: the first value must not exceed the second")
+    if cfg.task == "detection" and cfg.train.label_smoothing:  # rather than a setting silently without effect
+        raise UserError(f"{where}config key 'train.label_smoothing' is {cfg.train.label_smoothing!r}: the detection "
+                        "loss (multibox) does not smooth labels; leave it at 0")
     return cfg
 
 

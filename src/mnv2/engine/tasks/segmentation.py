@@ -109,7 +109,9 @@ class SegmentationTask:
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         images, masks, _ = batch
         logits = model(images)
-        return nn.functional.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)
+        # per pixel, as a classifier's per image; pixels marked IGNORE_INDEX (VOC's object borders) count for nothing
+        return nn.functional.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX,
+                                           label_smoothing=self.cfg.train.label_smoothing)
 
     # ---- evaluation ---------------------------------------------------------------------------------------------
     def evaluator(self, val_dataset) -> SegmentationEvaluator:
