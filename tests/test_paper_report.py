@@ -158,3 +158,21 @@ def test_the_report_lists_differences_in_markdown_with_their_reason():
     text = report.markdown({"command": "mnv2 paper", "date": "d", "seconds": 60, "budget": "quick", "threads": 2,
                             "machine": {"cpu": "cpu", "python": "3", "torch": "t", "torchvision": "tv"}}, [s])
     assert "- a (+3.0%): rounded" in text and "- c (-10.0%): UNEXPLAINED" in text and "- b" not in text
+
+
+def test_figure5_draws_each_width_in_one_colour_in_both_panels(tmp_path, monkeypatch):
+    """The latency panel times fewer widths than the accuracy panel draws (the quick budget); a width keeps its
+    colour across the two all the same."""
+    from types import SimpleNamespace
+    grid = [{"width": a, "resolution": r, "madds": a * r * 1e4, "paper_madds_m": a * r * 1e-2, "paper_top1": 60 + a,
+             # the 1.4 and 0.75 cells untimed: the right panel's lines would take the left one's first colours
+             "latency_ms": {} if a in (1.4, 0.75) else {"openvino": a * r / 100}}
+            for a in (1.4, 1.0, 0.75, 0.5) for r in (224, 160)]
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    report._draw_figure5(grid, SimpleNamespace(runs=[], threads=2), "openvino", tmp_path / "fig5.png")
+    left, right = figures[0].axes
+    colour = {line.get_label().split()[-1]: line.get_color() for line in left.lines}
+    assert len(set(colour.values())) == 4
+    assert {line.get_label().split()[-1]: line.get_color() for line in right.lines} == {w: colour[w]
+                                                                                      for w in ("1", "0.5")}

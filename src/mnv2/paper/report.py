@@ -464,13 +464,17 @@ def part_figure_5(ctx: Context) -> Section:
 def _draw_figure5(grid: list[dict], ctx: Context, backend: str, path: Path) -> Path:
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for a in sorted({r["width"] for r in grid}, reverse=True):
+    widths = sorted({r["width"] for r in grid}, reverse=True)
+    # one colour per width in both panels (the right one may time fewer widths, which would shift the colour cycle)
+    colours = dict(zip(widths, plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(widths)))
+    for a in widths:
         cells = sorted((r for r in grid if r["width"] == a), key=lambda r: r["madds"])
-        left.plot([r["paper_madds_m"] for r in cells], [r["paper_top1"] for r in cells], "o-", label=f"paper, {a:g}")
+        left.plot([r["paper_madds_m"] for r in cells], [r["paper_top1"] for r in cells], "o-", color=colours[a],
+                  label=f"paper, {a:g}")
         timed = [r for r in cells if backend in r.get("latency_ms", {})]
         if timed:
             right.plot([r["madds"] / 1e6 for r in timed], [r["latency_ms"][backend] for r in timed], "o-",
-                       label=f"width {a:g}")
+                       color=colours[a], label=f"width {a:g}")
     for r in ctx.runs:
         if r["task"] == "classification" and r["model"] == "mobilenet_v2":
             madds = next((g["madds"] for g in grid if g["width"] == r["width"] and g["resolution"] == r["resolution"]),
