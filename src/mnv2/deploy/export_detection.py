@@ -166,9 +166,10 @@ def _postprocess_onnx(spec: DetectorSpec, num_anchors: int, dynamic_batch: bool,
 def pixels_onnx(preprocess: Preprocess, dynamic_batch: bool, like):
     """The graph's first part: "image" uint8 [N, R, R, 3] -> "input" float [N, 3, R, R], normalised as the eval
     preset normalises (to float32 rounding): Transpose, Cast, and one BatchNormalization whose statistics are the
-    preset's mean and std in pixel units -- an exact per-channel (x - mean) / std. Written as Sub + Mul instead, it
-    cost onnxruntime's int8 graph ~1 ms more per call (its broadcasting kernels; BatchNormalization: ~0.1 ms);
-    OpenVINO runs either in the time of the float input. IR version and opsets are those of `like`, to join it."""
+    preset's mean and std in pixel units -- an exact per-channel (x - mean) / std. As Sub + Mul (or Mul + Add), it
+    cost onnxruntime's int8 SSDLite graph 1.2-1.4 ms more per call than the float input (its broadcasting kernels;
+    BatchNormalization: 0.1-0.4 ms); OpenVINO ran either within ~0.2 ms of the float input (2 threads). IR version
+    and opsets are those of `like`, to join it."""
     onnx = optional_import("onnx", "export", "ONNX export")
     from onnx import TensorProto, helper, numpy_helper
 
