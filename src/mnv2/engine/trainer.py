@@ -194,11 +194,10 @@ class Trainer:
         atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
     def close(self) -> None:
-        """Let go of the process group while the interpreter is still whole. The DDP wrapper holds it besides
-        c10d's registry, and a group still alive at interpreter exit takes its gloo threads into the C++
-        teardown: a rank that had finished (or stopped on an error) then died of SIGABRT ('terminate called
-        without an active exception') instead of exiting, and torchrun killed the other."""
-        self.ddp = None
+        """Let go of the loader workers and the process group while the interpreter is still whole: the loaders'
+        persistent workers stop now, and the DDP wrapper, which holds the group besides c10d's registry, goes
+        before the group is destroyed (a torchrun process then leaves with os._exit: mnv2.cli.main.entry)."""
+        self.ddp = self.train_loader = self.val_loader = None
         gc.collect()
         distributed.shutdown(self.ctx)
 
