@@ -81,8 +81,8 @@ MEMORY_METHOD = """\
 Method. Peak activation memory read from PyTorch's allocator events as in `## Memory (paper section 5.1)`
 (`mnv2.bench.memory.measure_peak_activation_bytes`), counted up to the logits at the output stride: the final
 upsampling, whose 21 x H x W output is the same on both sides, is left out of every row. torchvision's models run their
-forward up to its F.interpolate (`backbone` then `classifier`: `mnv2.bench.segmentation.TorchvisionLogitsAtStride`), ours
-`forward_logits_at_stride`. Variants: torchvision's `deeplabv3_mobilenet_v3_large` and `lraspp_mobilenet_v3_large`
+forward up to its F.interpolate (`backbone` then `classifier`: `mnv2.bench.segmentation.TorchvisionLogitsAtStride`),
+ours `forward_logits_at_stride`. Variants: torchvision's `deeplabv3_mobilenet_v3_large` and `lraspp_mobilenet_v3_large`
 eager, ours (`deeplabv3_mobilenet_v2` 1.0, OS 16, no ASPP, 21 classes) eager and BN-folded channels_last, and
 `mnv2.deploy.tsplit(model, t)` -- the atrous backbone's bottlenecks as t-way split sums, the head whole. BN statistics
 from synthetic scenes; latency as in the memory section (median and 25th-75th percentile, variants interleaved run by

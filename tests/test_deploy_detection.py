@@ -354,6 +354,12 @@ def test_a_graph_exported_before_the_pixel_input_still_predicts(data, exported, 
     old.metadata_props.extend(graph.metadata_props)
     onnx.save(old, str(tmp_path / "old.onnx"))
     assert old.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    # a pixel input of the wrong type is one line naming the file, not a silent cast of every image
+    bad = onnx.load(str(exported.path))
+    bad.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    onnx.save(bad, str(tmp_path / "bad.onnx"))
+    with pytest.raises(UserError, match=r"bad.onnx: input 'image' is float32 \[1, 64, 64, 3\], not a batch of uint8"):
+        DetectionPredictor.from_onnx(tmp_path / "bad.onnx")
     images = _images(data[0])[:4]
     predictors = [DetectionPredictor.from_onnx(p) for p in (tmp_path / "old.onnx", exported.path)]
     assert [p.backend.input_dtype for p in predictors] == [np.float32, np.uint8]

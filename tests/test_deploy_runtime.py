@@ -191,7 +191,17 @@ def test_mismatched_onnx_is_one_clear_error(tmp_path):
     onnx.save(gray, str(path))
     with pytest.raises(UserError) as e:
         Predictor.from_onnx(path)
-    assert "not an RGB image batch" in _one_line(e) and str(path) in _one_line(e)
+    assert "not a float32 RGB image batch" in _one_line(e) and str(path) in _one_line(e)
+    # an RGB classifier that takes uint8: fed the normalised float batch cast to uint8, it would classify garbage
+    h = onnx.helper
+    pixels = h.make_tensor_value_info("x", onnx.TensorProto.UINT8, [1, 3, 8, 8])
+    logits = h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3])
+    nodes = [h.make_node("Cast", ["x"], ["f"], to=onnx.TensorProto.FLOAT),
+             h.make_node("GlobalAveragePool", ["f"], ["p"]), h.make_node("Flatten", ["p"], ["y"])]
+    onnx.save(h.make_model(h.make_graph(nodes, "g", [pixels], [logits])), str(path))
+    with pytest.raises(UserError) as e:
+        Predictor.from_onnx(path)
+    assert "input 'x' is uint8 [1, 3, 8, 8], not a float32 RGB image batch" in _one_line(e)
     # an mnv2 export whose metadata disagrees with its graph
     for key, value, expected in (("mnv2.preprocess", '{"resolution": 96}', "metadata says input 96x96"),
                                  ("mnv2.class_names", '["a", "b"]', "8 outputs but 2 class names")):

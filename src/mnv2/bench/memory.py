@@ -210,7 +210,8 @@ _SEGMENTATION_UNSPLIT = ("ours eager", "ours folded channels_last", "t-split t=1
 def _segmentation_variants(width: float, resolution: int, splits: list[int], seed: int = 0) -> dict:
     """Every variant as (x -> class logits at the output stride, x). The final upsampling to the input's size is left
     out on both sides -- its C x H x W output is the same for any network -- so torchvision's models run as their
-    forward does up to its F.interpolate (`segmentation.TorchvisionLogitsAtStride`) and ours to `forward_logits_at_stride`.
+    forward does up to its F.interpolate (`segmentation.TorchvisionLogitsAtStride`) and ours to
+    `forward_logits_at_stride`.
     BN statistics from a few synthetic scenes, as in the latency benchmark (they change no allocation)."""
     from ..deploy import fold_bn, tsplit
     from .segmentation import PEERS, bn_batch, logits_at_stride, ours, synthetic_batch, torchvision_peer

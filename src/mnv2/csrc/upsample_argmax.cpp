@@ -3,9 +3,10 @@
 // (mnv2/deploy/segment.py `class_map`).
 //
 // Why: done as two steps, the upsampled logits are materialised first -- 21 x 512 x 512 floats, 22 MB written and
-// read again for the argmax, 3.8-5.6 ms of the bench's int8 end to end here (and 174 MB for a 1920 x 1080 photo); here each output
-// row is computed and reduced in cache: the horizontal interpolation of every source row once per image (C x h x W
-// floats), then per output row its vertical interpolation and the running argmax, vectorised along the row.
+// read again for the argmax, 3.8-5.6 ms of the bench's int8 end to end here (and 174 MB for a 1920 x 1080 photo);
+// here each output row is computed and reduced in cache: the horizontal interpolation of every source row once per
+// image (C x h x W floats), then per output row its vertical interpolation and the running argmax, vectorised along
+// the row.
 //
 // The arithmetic is torch's CPU upsample_bilinear2d (UpSampleKernel.cpp, NCHW float): source coordinate
 // max(scale * (dst + 0.5) - 0.5, 0) with scale = in / out, index floor, neighbour +1 unless at the edge, weights

@@ -442,16 +442,29 @@ def inspect_onnx(path: str | Path):
         raise UserError(f"{path}: not an image classifier graph ({len(inputs)} inputs, {len(graph.output)} outputs, "
                         f"{len(graph.node)} nodes; expected one image input and one logits output)")
 
-    shape_in, shape_out = _dims(inputs[0]), _dims(graph.output[0])
-    if len(shape_in) != 4 or shape_in[1] != 3:
-        raise UserError(f"{path}: input shape {shape_in} is not an RGB image batch [N, 3, H, W]")
+    batch_size, shape_out = _image_input(path, inputs[0]), _dims(graph.output[0])
     if len(shape_out) != 2 or shape_out[1] is None:
         raise UserError(f"{path}: output shape {shape_out} is not class logits [N, C]")
-    return proto, _metadata(path, proto), tuple(shape_in[0:1] + shape_in[2:]), shape_out[1]
+    return proto, _metadata(path, proto), batch_size, shape_out[1]
 
 
 def _dims(value_info) -> list[int | None]:
     return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
+
+
+def _image_input(path: Path, value_info, pixels: bool = False) -> tuple[int | None, int | None, int | None]:
+    """(batch, H, W) of a graph's image input, None for dynamic dims: the normalised float32 batch [N, 3, H, W], or
+    with `pixels` a detector's uint8 RGB pixels [N, H, W, 3]; else one UserError naming the file. (The backends feed
+    an input of the type the graph declares: a float batch cast to uint8, or the reverse, would be silently wrong.)"""
+    onnx = optional_import("onnx", "export", "reading .onnx files")
+    want, layout = (onnx.TensorProto.UINT8, "N, H, W, 3") if pixels else (onnx.TensorProto.FLOAT, "N, 3, H, W")
+    shape, dtype = _dims(value_info), value_info.type.tensor_type.elem_type
+    channels = shape[3] if pixels and len(shape) == 4 else shape[1] if len(shape) == 4 else None
+    if dtype != want or channels != 3:
+        kind = "a batch of uint8 RGB pixels" if pixels else "a float32 RGB image batch"
+        got = onnx.helper.tensor_dtype_to_np_dtype(dtype).name if dtype else "untyped"
+        raise UserError(f"{path}: input {value_info.name!r} is {got} {shape}, not {kind} [{layout}]")
+    return (shape[0], shape[1], shape[2]) if pixels else (shape[0], shape[2], shape[3])
 
 
 def _metadata(path: Path, proto) -> dict:
@@ -463,26 +476,18 @@ def _metadata(path: Path, proto) -> dict:
 
 def _inspect_detector(path: Path, proto, image_input):
     """As inspect_onnx; a detector takes uint8 pixels [N, H, W, 3] (or, exported before them, [N, 3, H, W])."""
-    shape_in, meta = _dims(image_input), _metadata(path, proto)
-    if image_input.name == PIXELS_NAME:
-        if len(shape_in) != 4 or shape_in[3] != 3:
-            raise UserError(f"{path}: input shape {shape_in} is not a batch of RGB pixels [N, H, W, 3]")
-        shape_in = [shape_in[0], 3, *shape_in[1:3]]
-    elif len(shape_in) != 4 or shape_in[1] != 3:
-        raise UserError(f"{path}: input shape {shape_in} is not an RGB image batch [N, 3, H, W]")
+    batch_size, meta = _image_input(path, image_input, pixels=image_input.name == PIXELS_NAME), _metadata(path, proto)
     if meta.get(META_TASK) != "detection" or not isinstance(meta.get(META_CLASSES), list):
         raise UserError(f"{path}: a detection graph without mnv2 detection metadata (task, class names); export it "
                         "with `mnv2 export`")
-    return proto, meta, tuple(shape_in[0:1] + shape_in[2:]), len(meta[META_CLASSES])
+    return proto, meta, batch_size, len(meta[META_CLASSES])
 
 
 def _inspect_segmenter(path: Path, proto, image_input, logits_output):
-    shape_in, shape_out, meta = _dims(image_input), _dims(logits_output), _metadata(path, proto)
-    if len(shape_in) != 4 or shape_in[1] != 3:
-        raise UserError(f"{path}: input shape {shape_in} is not an RGB image batch [N, 3, H, W]")
+    batch_size, shape_out, meta = _image_input(path, image_input), _dims(logits_output), _metadata(path, proto)
     if meta.get(META_TASK) != SEGMENTATION or not isinstance(meta.get(META_CLASSES), list):
         raise UserError(f"{path}: a per-pixel output {shape_out} without mnv2 segmentation metadata (task, class "
                         "names); export it with `mnv2 export`")
     if shape_out[1] is None:
         raise UserError(f"{path}: output shape {shape_out} has no fixed number of classes [N, C, H, W]")
-    return proto, meta, tuple(shape_in[0:1] + shape_in[2:]), shape_out[1]
+    return proto, meta, batch_size, shape_out[1]
